@@ -1,0 +1,169 @@
+"""Capture: turn a model into a ``torch.fx.GraphModule``.
+
+Order of attempts:
+
+1. A ``GraphModule`` passed in is returned as is (shapes are propagated onto it
+   when example inputs are given and its nodes carry none).
+2. ``torch.export.export(model, args, kwargs, strict=False)`` with the batch and
+   sequence dimensions marked dynamic, then ``ExportedProgram.module()``. If the
+   dynamic export fails, a static export is tried.
+3. ``torch.fx.symbolic_trace(model)`` for plain modules that export rejects.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import CaptureError
+
+logger = logging.getLogger(__name__)
+
+
+def capture(model: nn.Module, args: Any = (), kwargs: dict | None = None, *, dynamic: bool = True) -> fx.GraphModule:
+    """Return ``model`` as a graph module whose linear nodes keep their module paths.
+
+    Args:
+        model: an ``nn.Module`` (a Hugging Face model or your own) or a ``GraphModule``.
+        args: example positional inputs, a tuple or a single tensor.
+        kwargs: example keyword inputs. For a model whose ``forward`` accepts
+            ``use_cache``, ``use_cache=False`` is added unless given.
+        dynamic: mark dimensions 0 and 1 of every example tensor (batch and
+            sequence) dynamic, so the graph runs at other sizes.
+
+    Raises:
+        CaptureError: ``model`` is not a module, its forward raises on the example
+            inputs, or neither export nor symbolic tracing can capture it.
+    """
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    args = tuple(args)
+    kwargs = dict(kwargs or {})
+    if isinstance(model, fx.GraphModule):
+        if args and not _has_shapes(model):
+            _propagate_shapes(model, args)
+        return model
+    if not isinstance(model, nn.Module):
+        raise CaptureError(
+            f"capture() expects a torch.nn.Module, got {type(model).__name__}; "
+            "pass the model object itself, not its output or state_dict"
+        )
+    _default_use_cache(model, kwargs)
+    _check_forward_runs(model, args, kwargs)
+
+    export_error = None
+    try:
+        return _export(model, args, kwargs, dynamic)
+    except Exception as err:  # noqa: BLE001 - any export failure falls through to tracing
+        export_error = err
+        logger.info("torch.export failed for %s: %s", type(model).__name__, _first_line(err))
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as trace_error:  # noqa: BLE001
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: torch.export.export failed with "
+            f"{type(export_error).__name__}: {_first_line(export_error)}; "
+            f"torch.fx.symbolic_trace failed with {type(trace_error).__name__}: "
+            f"{_first_line(trace_error)}. Data-dependent control flow (an `if` on a "
+            "tensor's value) is the usual cause: rewrite it with torch.cond, or capture "
+            "each block separately"
+        ) from export_error
+    logger.info("captured %s with torch.fx.symbolic_trace", type(model).__name__)
+    if args:
+        _propagate_shapes(gm, args)
+    return gm
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    with _fastpath_disabled():
+        if dynamic:
+            try:
+                program = torch.export.export(
+                    model, args, kwargs=kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs), strict=False
+                )
+                logger.info("captured %s with torch.export (dynamic batch and sequence)", type(model).__name__)
+                return program.module()
+            except Exception as err:  # noqa: BLE001
+                logger.info("dynamic export failed (%s); trying static shapes", _first_line(err))
+        program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+    logger.info("captured %s with torch.export (static shapes)", type(model).__name__)
+    return program.module()
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {d: Dim.AUTO for d in range(min(value.dim(), 2))} or None
+        return None
+
+    # One entry per input: positional arguments first, then keyword arguments in order.
+    return tuple(_spec_tree(a, spec) for a in args) + tuple(_spec_tree(v, spec) for v in kwargs.values())
+
+
+def _spec_tree(value: Any, spec) -> Any:
+    if isinstance(value, torch.Tensor):
+        return spec(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_spec_tree(v, spec) for v in value)
+    if isinstance(value, dict):
+        return {k: _spec_tree(v, spec) for k, v in value.items()}
+    return None
+
+
+def _default_use_cache(model: nn.Module, kwargs: dict) -> None:
+    # A KV cache object in the output cannot be exported, and compression does not need it.
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if "use_cache" in parameters and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+
+
+def _check_forward_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise CaptureError(
+            f"the forward of {type(model).__name__} raised {type(err).__name__}: "
+            f"{_first_line(err)}; check that args and kwargs are inputs the model accepts"
+        ) from err
+
+
+def _has_shapes(gm: fx.GraphModule) -> bool:
+    return any("val" in n.meta or "tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+
+
+def _propagate_shapes(gm: fx.GraphModule, args: tuple) -> None:
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*args)
+    except Exception as err:  # noqa: BLE001
+        raise CaptureError(
+            f"running the graph module on the example inputs failed with "
+            f"{type(err).__name__}: {_first_line(err)}"
+        ) from err
+
+
+class _fastpath_disabled:
+    """Turn off the fused ``nn.TransformerEncoderLayer`` fast path while tracing."""
+
+    def __enter__(self) -> None:
+        self._previous = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.mha.set_fastpath_enabled(self._previous)
+
+
+def _first_line(err: BaseException | None) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else repr(err)
