@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -55,12 +56,17 @@ def node_module_path(node: fx.Node) -> str | None:
     return _clean_path(path)
 
 
+# The local or global that holds the compiled module in a Dynamo path:
+# "L['self']", "L['args'][0]" (torch.compile of a module, torch 2.13), "G['model']".
+_DYNAMO_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[\d+\])*\.?")
+
+
 def _clean_path(path: str) -> str:
-    # Dynamo records paths as "L['self'].model.layers[0].mlp"; export as
+    # Dynamo records paths as "L['args'][0].model.layers[0].mlp"; export as
     # "model.layers.0.mlp". Both become the dotted form.
-    for prefix in ("L['self'].", "L['self']", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
+    path = _DYNAMO_ROOT.sub("", path, count=1)
+    if path.startswith("self."):
+        path = path[len("self."):]
     return path.replace("[", ".").replace("]", "").replace("'", "")
 
 

@@ -5,19 +5,30 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from torch import fx
 
 from .analysis import analyze
+from .calibration import CalibrationStats, calibrate
 from .errors import PlanError, RestoreError, SurgeonError, SurgeonWarning
 from .passes.decompose_linear import decompose_linear
 from .passes.manager import PassManager, journal_of, make_permanent, undo
+from .passes.prune_compose import prune_passes
 from .plan import Plan
 
 logger = logging.getLogger(__name__)
 
 
-def compress(gm: fx.GraphModule, plan: Plan | dict | str | Path, *, hard: bool = False) -> fx.GraphModule:
+def compress(
+    gm: fx.GraphModule,
+    plan: Plan | dict | str | Path,
+    *,
+    hard: bool = False,
+    calibration: Iterable[Any] | None = None,
+    stats: CalibrationStats | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> fx.GraphModule:
     """Compress ``gm`` in place as ``plan`` says, and return it.
 
     Soft compression (``hard=False``) keeps the originals in the journal so that
@@ -33,9 +44,22 @@ def compress(gm: fx.GraphModule, plan: Plan | dict | str | Path, *, hard: bool =
         >>> print(gm.code)   # before: aten.linear(x, w, b); after: self.layers.0.mlp.down_proj(x)
         >>> surgeon_fx.restore(gm)
 
+    Prune rules run before decomposition rules. A hard prune removes rows and
+    columns and rewrites the shape constants downstream; a soft prune stores the
+    compact tensors and gathers and scatters channels around them::
+
+        >>> surgeon_fx.compress(gm, {"prune": [{"unit": "heads", "ratio": 0.25}]}, hard=True)
+
+    ``calibration`` is an iterable of model inputs (dicts of keyword inputs, tuples
+    or tensors) run once through ``gm`` to collect the input statistics that the
+    ``svd-llm`` and ``asvd`` methods and budgets need; ``stats`` passes statistics
+    collected before (see :func:`surgeon_fx.calibration.calibrate`). ``progress`` is
+    called with the number of calibration batches done.
+
     Raises:
         PlanError: the plan is invalid for this model; nothing was changed.
         RewriteError: a pass failed; the graph module was rolled back.
+        NotImplementedError: ``hard=True`` on a soft-pruned graph module.
     """
     if not isinstance(gm, fx.GraphModule):
         raise PlanError(
@@ -50,6 +74,12 @@ def compress(gm: fx.GraphModule, plan: Plan | dict | str | Path, *, hard: bool =
             "model again to apply another plan"
         )
     if journal.state == "soft":
+        if hard and any(e.pass_name == "prune_channels" for e in journal.entries):
+            # TODO: turn the gather/scatter nodes of a soft prune into rewritten shape constants.
+            raise NotImplementedError(
+                "making a soft prune hard is not supported; call surgeon_fx.restore(gm) and "
+                "compress again with hard=True"
+            )
         if hard:
             make_permanent(gm)
             logger.info("made the soft compression permanent (%d rewrites)", len(journal.rewrites))
@@ -63,12 +93,47 @@ def compress(gm: fx.GraphModule, plan: Plan | dict | str | Path, *, hard: bool =
         return gm
 
     analysis = analyze(gm)
-    actions = plan.resolve_lrd(analysis)
-    PassManager(gm).run([("decompose_linear", decompose_linear(actions))])
+    if calibration is not None:
+        calibration = list(calibration)
+        selected = [s for s in analysis.sites if any(r.selector.matches(s) for r in plan.lrd)]
+        stats = calibrate(gm, calibration, selected, progress=progress)
+    actions = plan.resolve_lrd(analysis, stats=stats)
+    if plan.prune:
+        PassManager(gm).run(prune_passes(plan, analysis, actions, hard=hard, stats=stats))
+    elif plan.sequential:
+        _decompose_sequentially(gm, actions, calibration)
+    else:
+        PassManager(gm).run([("decompose_linear", decompose_linear(actions, stats=stats))])
     journal.plan = plan.to_dict()
     if hard:
         make_permanent(gm)
     return gm
+
+
+def _decompose_sequentially(gm: fx.GraphModule, actions: list, calibration: list | None) -> None:
+    """Decompose one block at a time, calibrating it on the compressed blocks' outputs.
+
+    Ranks were fixed beforehand (on statistics of the original model, so a budget is
+    allocated once); only the factors of each block see the new inputs.
+    """
+    if calibration is None:
+        raise PlanError("a sequential plan needs calibration=batches of model inputs")
+    layers = sorted({a.site.layer for a in actions if a.site.layer is not None})
+    groups = [[a for a in actions if a.site.layer == layer] for layer in layers]
+    groups.append([a for a in actions if a.site.layer is None])
+    manager = PassManager(gm)
+    start = len(manager.journal.entries)
+    try:
+        for group in groups:
+            todo = [a for a in group if a.rank is not None]
+            if not todo:
+                continue
+            stats = calibrate(gm, calibration, [a.site for a in todo])
+            name = f"decompose_linear[layer {todo[0].site.layer}]"
+            manager.run([(name, decompose_linear(todo, stats=stats))])
+    except SurgeonError:
+        undo(gm, len(manager.journal.entries) - start)
+        raise
 
 
 def restore(gm: fx.GraphModule) -> fx.GraphModule:

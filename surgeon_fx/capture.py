@@ -5,8 +5,10 @@ Order of attempts:
 1. A ``GraphModule`` passed in is returned as is (shapes are propagated onto it
    when example inputs are given and its nodes carry none).
 2. ``torch.export.export(model, args, kwargs, strict=False)`` with the batch and
-   sequence dimensions marked dynamic, then ``ExportedProgram.module()``. If the
-   dynamic export fails, a static export is tried.
+   sequence dimensions marked dynamic, then ``ExportedProgram.module()``. Where
+   such a dimension has size 1, the export runs on inputs repeated to size 2,
+   because export would fix a size-1 dimension. If the dynamic export fails, a
+   static export is tried.
 3. ``torch.fx.symbolic_trace(model)`` for plain modules that export rejects.
 """
 
@@ -32,8 +34,9 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict | None = None, *, dyn
     Args:
         model: an ``nn.Module`` (a Hugging Face model or your own) or a ``GraphModule``.
         args: example positional inputs, a tuple or a single tensor.
-        kwargs: example keyword inputs. For a model whose ``forward`` accepts
-            ``use_cache``, ``use_cache=False`` is added unless given.
+        kwargs: example keyword inputs. A Hugging Face model is captured with
+            ``config.use_cache`` set to False (and reset afterwards), so the graph
+            returns no KV cache and takes no ``use_cache`` input.
         dynamic: mark dimensions 0 and 1 of every example tensor (batch and
             sequence) dynamic, so the graph runs at other sizes.
 
@@ -54,15 +57,13 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict | None = None, *, dyn
             f"capture() expects a torch.nn.Module, got {type(model).__name__}; "
             "pass the model object itself, not its output or state_dict"
         )
-    _default_use_cache(model, kwargs)
-    _check_forward_runs(model, args, kwargs)
-
-    export_error = None
-    try:
-        return _export(model, args, kwargs, dynamic)
-    except Exception as err:  # noqa: BLE001 - any export failure falls through to tracing
-        export_error = err
-        logger.info("torch.export failed for %s: %s", type(model).__name__, _first_line(err))
+    with _cache_disabled(model):
+        _check_forward_runs(model, args, kwargs)
+        try:
+            return _export(model, args, kwargs, dynamic)
+        except Exception as err:  # noqa: BLE001 - any export failure falls through to tracing
+            export_error = err
+            logger.info("torch.export failed for %s: %s", type(model).__name__, _first_line(err))
 
     try:
         gm = fx.symbolic_trace(model)
@@ -84,9 +85,15 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict | None = None, *, dyn
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
     with _fastpath_disabled():
         if dynamic:
+            # Widen batch and sequence first, then only the batch if a size-1 sequence
+            # dimension turns out to broadcast.
+            for dims in ((0, 1), (0,)):
+                gm = _export_widened(model, args, kwargs, dims)
+                if gm is not None:
+                    return gm
             try:
                 program = torch.export.export(
-                    model, args, kwargs=kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs), strict=False
+                    model, args, kwargs=kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False
                 )
                 logger.info("captured %s with torch.export (dynamic batch and sequence)", type(model).__name__)
                 return program.module()
@@ -97,14 +104,62 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
     return program.module()
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
+def _export_widened(model: nn.Module, args: tuple, kwargs: dict, dims: tuple[int, ...]) -> fx.GraphModule | None:
+    """Export on the example inputs repeated to size 2 where a dimension in ``dims`` has size 1.
+
+    torch.export specialises a dimension of size 1 to that constant, so an example
+    batch of one sentence would give a graph that runs only at batch size 1. Returns
+    ``None`` when no dimension has size 1, or when the export fails or its graph
+    rejects the original inputs (a size-1 dimension that broadcasts, for example).
+    """
+    wide_args, wide_kwargs = _widen(args, dims), _widen(kwargs, dims)
+    if not _differs(args, wide_args) and not _differs(kwargs, wide_kwargs):
+        return None
+    try:
+        program = torch.export.export(
+            model, wide_args, kwargs=wide_kwargs,
+            dynamic_shapes=_dynamic_shapes(model, wide_args, wide_kwargs), strict=False,
+        )
+        gm = program.module()
+        with torch.no_grad():
+            gm(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - fall back to the example inputs as given
+        logger.info("export on inputs widened to size 2 along dimensions %s failed (%s)", dims, _first_line(err))
+        return None
+    logger.info("captured %s with torch.export (dynamic batch and sequence, traced at size 2)", type(model).__name__)
+    return gm
+
+
+def _widen(value: Any, dims: tuple[int, ...]) -> Any:
+    if isinstance(value, torch.Tensor):
+        for dim in dims:
+            if dim < value.dim() and value.shape[dim] == 1:
+                value = torch.cat([value, value], dim=dim)  # (.., 1, ..) -> (.., 2, ..)
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_widen(v, dims) for v in value)
+    if isinstance(value, dict):
+        return {k: _widen(v, dims) for k, v in value.items()}
+    return value
+
+
+def _differs(value: Any, widened: Any) -> bool:
+    return any(a is not b for a, b in zip(torch.utils._pytree.tree_leaves(value), torch.utils._pytree.tree_leaves(widened)))
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict | tuple:
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return {d: Dim.AUTO for d in range(min(value.dim(), 2))} or None
         return None
 
-    # One entry per input: positional arguments first, then keyword arguments in order.
-    return tuple(_spec_tree(a, spec) for a in args) + tuple(_spec_tree(v, spec) for v in kwargs.values())
+    # torch.export reads a tuple of specs in the order of forward's signature, not
+    # in the order the caller wrote the keyword arguments, so name each input.
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(_spec_tree(a, spec) for a in args) + tuple(_spec_tree(v, spec) for v in kwargs.values())
+    return {name: _spec_tree(value, spec) for name, value in bound.arguments.items()}
 
 
 def _spec_tree(value: Any, spec) -> Any:
@@ -117,14 +172,24 @@ def _spec_tree(value: Any, spec) -> Any:
     return None
 
 
-def _default_use_cache(model: nn.Module, kwargs: dict) -> None:
-    # A KV cache object in the output cannot be exported, and compression does not need it.
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return
-    if "use_cache" in parameters and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
+class _cache_disabled:
+    """Set ``model.config.use_cache`` to False while capturing.
+
+    A KV cache object in the output cannot be exported, and compression does not
+    need it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.config = getattr(model, "config", None)
+        self.previous = getattr(self.config, "use_cache", None)
+
+    def __enter__(self) -> None:
+        if self.previous:
+            self.config.use_cache = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous:
+            self.config.use_cache = self.previous
 
 
 def _check_forward_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:

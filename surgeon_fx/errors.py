@@ -32,5 +32,9 @@ class RestoreError(SurgeonError):
     """A graph module cannot be restored to its original state."""
 
 
+class CheckpointError(SurgeonError):
+    """A saved compressed model cannot be read, or does not fit the model it is loaded into."""
+
+
 class SurgeonWarning(UserWarning):
     """Warning for lossy, skipped or ignored actions."""

@@ -86,6 +86,17 @@ class LinearLRD(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
+    @classmethod
+    def from_factors(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> LinearLRD:
+        """Build from factors ``u`` (``out x rank``) and ``v`` (``rank x in``)."""
+        layer = cls(v.shape[1], u.shape[0], u.shape[1], bias=bias is not None, device=u.device, dtype=u.dtype)
+        with torch.no_grad():
+            layer.u.copy_(u)
+            layer.v.copy_(v)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
     def dense_weight(self) -> torch.Tensor:
         """Return the ``(out_features, in_features)`` weight this layer applies."""
         return self.weight if self.rank is None else self.u @ self.v

@@ -7,6 +7,10 @@ A plan is built in Python, from a dict, or from a TOML or JSON file::
 Each rule selects sites by ``roles``, ``layers`` (indices, Python ranges or inclusive
 ``"a-b"`` strings) and ``paths`` (glob patterns on module paths). All given
 selectors must match. A site matched by several rules takes the last one.
+
+A prune rule removes a ``ratio`` of the units of every coupling group it selects
+(``"mlp_neurons"``, ``"heads"`` or ``"hidden"``); its selectors must match every
+linear site of a group or none of them. Pruning runs before low-rank decomposition.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +34,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-LRD_METHODS = ("svd",)
+LRD_METHODS = ("svd", "svd-llm", "asvd")
+CALIBRATED_METHODS = ("svd-llm", "asvd")
+BUDGET_KINDS = ("params", "flops")
 _SELECTOR_KEYS = ("roles", "layers", "paths")
-_LRD_KEYS = set(_SELECTOR_KEYS) | {"rank", "method"}
+_LRD_KEYS = set(_SELECTOR_KEYS) | {"rank", "method", "budget"}
+PRUNE_UNITS = ("mlp_neurons", "heads", "hidden")
+PRUNE_CRITERIA = ("magnitude", "random")
+GQA_MODES = ("groups", "queries")
+_PRUNE_KEYS = set(_SELECTOR_KEYS) | {"unit", "ratio", "criterion", "seed", "round_to", "gqa"}
 
 
 @dataclass(frozen=True)
@@ -70,20 +81,60 @@ class Keep:
     fraction: float
 
     def rank_for(self, out_features: int, in_features: int) -> int:
-        return math.floor(self.fraction * out_features * in_features / (out_features + in_features))
+        # Exact arithmetic on the decimal the user wrote: in floats 0.3 * 24 * 120 / 144
+        # is 5.999..., which would floor to 5 instead of 6.
+        keep = Fraction(str(self.fraction))
+        return math.floor(keep * out_features * in_features / (out_features + in_features))
 
 
 @dataclass(frozen=True)
 class LRDRule:
-    """Decompose the selected sites to ``rank`` (an int, ``"full"`` or :class:`Keep`)."""
+    """Decompose the selected sites to ``rank`` (an int, ``"full"`` or :class:`Keep`).
+
+    With a ``budget`` such as ``{"params": 0.5}`` instead of a rank, each selected
+    site gets its own rank so that the selection keeps that fraction of its weights
+    while the summed truncation error is smallest (see :mod:`surgeon_fx.budget`).
+    """
 
     selector: Selector
-    rank: int | str | Keep
+    rank: int | str | Keep | None = None
     method: str = "svd"
+    budget: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        rank = {"keep": self.rank.fraction} if isinstance(self.rank, Keep) else self.rank
-        return {**self.selector.to_dict(), "rank": rank, "method": self.method}
+        out: dict[str, Any] = {**self.selector.to_dict(), "method": self.method}
+        if self.budget is not None:
+            out["budget"] = dict(self.budget)
+        else:
+            out["rank"] = {"keep": self.rank.fraction} if isinstance(self.rank, Keep) else self.rank
+        return out
+
+
+@dataclass(frozen=True)
+class PruneRule:
+    """Remove ``ratio`` of the units of each selected coupling group.
+
+    ``criterion`` ranks units by the L2 norm of every weight coupled to them
+    (``"magnitude"``) or by seeded random scores (``"random"``). ``round_to`` rounds
+    the remaining count of neurons, channels or heads up to a multiple of that
+    number. Grouped-query heads ignore ``round_to`` because they go in whole steps:
+    ``gqa="groups"`` removes whole key/value groups, and ``gqa="queries"`` removes
+    the same number of query heads from every group.
+    """
+
+    selector: Selector
+    unit: str
+    ratio: float
+    criterion: str = "magnitude"
+    seed: int = 0
+    round_to: int = 1
+    gqa: str = "groups"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.selector.to_dict(), "unit": self.unit, "ratio": self.ratio, "criterion": self.criterion,
+            "seed": self.seed, "round_to": self.round_to, "gqa": self.gqa,
+        }
 
 
 @dataclass(frozen=True)
@@ -93,6 +144,7 @@ class LRDAction:
     site: LinearSite
     rank: int | None  # None: full rank, the site is left as it is
     rule_index: int
+    method: str = "svd"
 
 
 @dataclass
@@ -100,7 +152,10 @@ class Plan:
     """An ordered list of compression rules."""
 
     lrd: list[LRDRule] = field(default_factory=list)
-    prune: list[dict[str, Any]] = field(default_factory=list)
+    prune: list[PruneRule] = field(default_factory=list)
+    # Compress block by block, calibrating each block on the outputs of the
+    # already-compressed blocks before it.
+    sequential: bool = False
 
     @classmethod
     def coerce(cls, plan: Plan | dict | str | Path) -> Plan:
@@ -117,9 +172,11 @@ class Plan:
     def from_file(cls, path: str | Path) -> Plan:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")  # TOML and JSON files are UTF-8
         except OSError as err:
             raise PlanError(f"cannot read plan file {str(path)!r}: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise PlanError(f"plan file {str(path)!r} is not UTF-8 text ({err}); save it as UTF-8") from err
         try:
             data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as err:
@@ -130,44 +187,97 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a mapping with keys 'lrd' and 'prune', got {type(data).__name__}")
-        unknown = set(data) - {"lrd", "prune"}
+        unknown = set(data) - {"lrd", "prune", "sequential"}
         if unknown:
-            raise PlanError(f"unknown plan keys {sorted(unknown)}; a plan has the keys 'lrd' and 'prune'")
-        lrd = [_parse_lrd_rule(rule, i) for i, rule in enumerate(_rule_list(data, "lrd"))]
-        prune = _rule_list(data, "prune")
-        if prune:
             raise PlanError(
-                "plan key 'prune' is not supported by this version of surgeon_fx; "
-                "remove the prune rules or use low-rank decomposition ('lrd')"
+                f"unknown plan keys {sorted(unknown)}; a plan has the keys 'lrd', 'prune' and 'sequential'"
             )
-        return cls(lrd=lrd, prune=prune)
+        sequential = data.get("sequential", False)
+        if not isinstance(sequential, bool):
+            raise PlanError(f"plan key 'sequential' must be true or false, got {sequential!r}")
+        lrd = [_parse_lrd_rule(rule, i) for i, rule in enumerate(_rule_list(data, "lrd"))]
+        prune = [_parse_prune_rule(rule, i) for i, rule in enumerate(_rule_list(data, "prune"))]
+        return cls(lrd=lrd, prune=prune, sequential=sequential)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lrd": [rule.to_dict() for rule in self.lrd], "prune": list(self.prune)}
+        out = {"lrd": [rule.to_dict() for rule in self.lrd], "prune": [rule.to_dict() for rule in self.prune]}
+        if self.sequential:
+            out["sequential"] = True
+        return out
 
-    def resolve_lrd(self, analysis: Analysis) -> list[LRDAction]:
-        """Return one action per selected site, validated against ``analysis``.
+    def resolve_prune(self, analysis: Analysis):
+        """Return the channels to keep in every selected coupling group, validated.
+
+        Returns a :class:`~surgeon_fx.passes.prune_select.PruneSelection`.
 
         Raises:
-            PlanError: a rule matches no site, a rank is out of range for a site, or
-                a selected site's weight is not finite.
+            PlanError: a rule matches no group, selects only some sites of a group, or
+                asks for a ratio the group cannot meet.
+        """
+        from .passes.prune_select import select_channels
+
+        return select_channels(self.prune, analysis)
+
+    def resolve_lrd(
+        self, analysis: Analysis, *, require_match: bool = True, stats: dict | None = None
+    ) -> list[LRDAction]:
+        """Return one action per selected site, validated against ``analysis``.
+
+        With ``require_match=False`` a rule that matches no site is skipped, which the
+        ``torch.compile`` backend needs because each Dynamo graph holds part of a model.
+
+        Raises:
+            PlanError: a rule matches no site (with ``require_match``), a rank is out
+                of range for a site, a method needs calibration ``stats`` that are
+                missing, or a selected site's weight is not finite.
         """
         chosen: dict[LinearSite, LRDAction] = {}
         for index, rule in enumerate(self.lrd):
             matched = [s for s in analysis.sites if rule.selector.matches(s)]
-            if not matched:
+            if not matched and require_match:
                 raise PlanError(
                     f"lrd rule {index} ({rule.selector.to_dict()}) matches no linear site; "
                     f"the model has roles {sorted({s.role for s in analysis.sites})} "
                     f"and layers {analysis.layers}"
                 )
+            if rule.method in CALIBRATED_METHODS:
+                _check_stats(rule, index, matched, stats)
+            if rule.budget is not None and matched:
+                for site in matched:
+                    _check_finite(analysis, LRDAction(site, None, index))
+                for site, rank in _budget_ranks(analysis, rule, index, matched, stats).items():
+                    chosen[site] = LRDAction(site, rank, index, rule.method)
+                continue
             for site in matched:
-                chosen[site] = LRDAction(site, _resolve_rank(rule, index, site), index)
+                chosen[site] = LRDAction(site, _resolve_rank(rule, index, site), index, rule.method)
         actions = [chosen[s] for s in analysis.sites if s in chosen]
         for action in actions:
             if action.rank is not None:
                 _check_finite(analysis, action)
         return actions
+
+
+def _check_stats(rule: LRDRule, index: int, sites: list[LinearSite], stats: dict | None) -> None:
+    if stats is None:
+        raise PlanError(
+            f"lrd rule {index} uses method {rule.method!r}, which needs calibration; pass "
+            "calibration=batches of model inputs to compress(), or use method 'svd'"
+        )
+    missing = [s.path for s in sites if s.path not in stats]
+    if missing:
+        raise PlanError(f"lrd rule {index}: the calibration statistics lack sites {missing[:3]}; calibrate again")
+
+
+def _budget_ranks(analysis: Analysis, rule: LRDRule, index: int, sites: list[LinearSite], stats) -> dict:
+    from .budget import allocate_ranks
+    from .lrd_methods import input_transform, spectrum
+
+    spectra = []
+    for site in sites:
+        transform = input_transform(rule.method, stats.get(site.path) if stats else None, site.in_features)
+        spectra.append(spectrum(site.weight(analysis.gm), transform))
+    fraction = next(iter(rule.budget.values()))
+    return allocate_ranks(sites, spectra, fraction, f"lrd rule {index}")
 
 
 def _rule_list(data: dict, key: str) -> list:
@@ -184,12 +294,58 @@ def _parse_lrd_rule(rule: Any, index: int) -> LRDRule:
     unknown = set(rule) - _LRD_KEYS
     if unknown:
         raise PlanError(f"{where} has unknown keys {sorted(unknown)}; allowed keys are {sorted(_LRD_KEYS)}")
-    if "rank" not in rule:
-        raise PlanError(f"{where} has no 'rank'; give an int, \"full\" or {{\"keep\": fraction}}")
+    if ("rank" in rule) == ("budget" in rule):
+        raise PlanError(
+            f"{where} needs exactly one of 'rank' (an int, \"full\" or {{\"keep\": fraction}}) "
+            "and 'budget' (such as {\"params\": 0.5})"
+        )
     method = rule.get("method", "svd")
     if method not in LRD_METHODS:
         raise PlanError(f"{where} has unknown method {method!r}; choose one of {list(LRD_METHODS)}")
-    return LRDRule(selector=parse_selector(rule, where), rank=_parse_rank(rule["rank"], where), method=method)
+    selector = parse_selector(rule, where)
+    if "budget" in rule:
+        return LRDRule(selector=selector, method=method, budget=_parse_budget(rule["budget"], where))
+    return LRDRule(selector=selector, rank=_parse_rank(rule["rank"], where), method=method)
+
+
+def _parse_budget(budget: Any, where: str) -> dict[str, float]:
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in BUDGET_KINDS:
+        raise PlanError(f"{where}: invalid budget {budget!r}; give {{\"params\": fraction}} or {{\"flops\": fraction}}")
+    kind, fraction = next(iter(budget.items()))
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise PlanError(f"{where}: budget {kind} fraction must be in (0, 1], got {fraction!r}")
+    return {kind: float(fraction)}
+
+
+def _parse_prune_rule(rule: Any, index: int) -> PruneRule:
+    where = f"prune rule {index}"
+    if not isinstance(rule, dict):
+        raise PlanError(f"{where} must be a mapping, got {rule!r}")
+    unknown = set(rule) - _PRUNE_KEYS
+    if unknown:
+        raise PlanError(f"{where} has unknown keys {sorted(unknown)}; allowed keys are {sorted(_PRUNE_KEYS)}")
+    unit = rule.get("unit")
+    if unit not in PRUNE_UNITS:
+        raise PlanError(f"{where} has unit {unit!r}; choose one of {list(PRUNE_UNITS)}")
+    ratio = rule.get("ratio")
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
+        raise PlanError(f"{where}: ratio must be a number in [0, 1), got {ratio!r}")
+    criterion = rule.get("criterion", "magnitude")
+    if criterion not in PRUNE_CRITERIA:
+        raise PlanError(f"{where} has unknown criterion {criterion!r}; choose one of {list(PRUNE_CRITERIA)}")
+    seed = rule.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise PlanError(f"{where}: seed must be a non-negative int, got {seed!r}")
+    round_to = rule.get("round_to", 1)
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise PlanError(f"{where}: round_to must be a positive int, got {round_to!r}")
+    gqa = rule.get("gqa", "groups")
+    if gqa not in GQA_MODES:
+        raise PlanError(
+            f"{where} has gqa {gqa!r}; choose \"groups\" (remove whole key/value groups) "
+            "or \"queries\" (remove query heads from every group)"
+        )
+    return PruneRule(parse_selector(rule, where), unit, float(ratio), criterion, seed, round_to, gqa)
 
 
 def parse_selector(rule: dict, where: str) -> Selector:
@@ -279,9 +435,12 @@ def _resolve_rank(rule: LRDRule, index: int, site: LinearSite) -> int | None:
 
 def _check_finite(analysis: Analysis, action: LRDAction) -> None:
     weight = action.site.weight(analysis.gm)
-    if not torch.isfinite(weight).all():
-        bad = int((~torch.isfinite(weight)).sum())
+    finite = torch.isfinite(weight)
+    if not finite.all():
+        bad = (~finite).nonzero()
+        first = [int(i) for i in bad[0]]  # index into the (out_features, in_features) weight
         raise PlanError(
-            f"lrd rule {action.rule_index}: the weight of {action.site.path} has {bad} non-finite "
-            "values (NaN or inf); fix the weights or exclude the site with 'paths'"
+            f"lrd rule {action.rule_index}: the weight of {action.site.path} has {len(bad)} non-finite "
+            f"values, the first {weight[tuple(first)].item()} at index {first}; fix the weights "
+            "or exclude the site with 'paths'"
         )

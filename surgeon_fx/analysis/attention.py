@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .._fx_utils import node_shape, op_name
+from .._fx_utils import node_shape
+from ._module_ops import op_kind
 from .linear_sites import LinearSite
 
 # Operations that only move, cast or rotate values between a projection and the
@@ -85,7 +86,7 @@ def find_attention(sites_by_node: dict[fx.Node, LinearSite], graph: fx.Graph) ->
     """Return every attention operation of ``graph`` with its q/k/v/out sites."""
     matches = []
     for node in graph.nodes:
-        name = op_name(node)
+        name = op_kind(node)
         if name == "scaled_dot_product_attention" and len(node.args) >= 3:
             q, k, v = node.args[:3]
             matches.append(_build(node, "sdpa", q, k, v, node, sites_by_node))
@@ -114,12 +115,12 @@ def _walk_to(start: object, targets: set[str], upward: bool) -> fx.Node | None:
     for _ in range(8):
         if not isinstance(node, fx.Node):
             return None
-        if op_name(node) in targets:
+        if op_kind(node) in targets:
             return node
         if upward:
             node = node.args[0] if node.args else None
         else:
-            users = [u for u in node.users if op_name(u) not in _CHECKS]
+            users = [u for u in node.users if op_kind(u) not in _CHECKS]
             node = users[0] if len(users) == 1 else None
     return None
 
@@ -153,7 +154,7 @@ def _source_site(start: object, sites_by_node) -> tuple[LinearSite | None, list[
             if site not in found:
                 found.append(site)
             continue
-        if op_name(node) not in _PASS_THROUGH:
+        if op_kind(node) not in _PASS_THROUGH:
             continue
         queue.extend(a for a in node.args if isinstance(a, fx.Node))
         for value in node.args:
@@ -177,13 +178,13 @@ def _consumer_site(output: fx.Node, sites_by_node) -> LinearSite | None:
             site = sites_by_node.get(user)
             if site is not None and site.input is node:
                 return site
-            if op_name(user) in _PASS_THROUGH - {"mul", "add", "sub", "cat"}:
+            if op_kind(user) in _PASS_THROUGH - {"mul", "add", "sub", "cat"}:
                 queue.append(user)
     return None
 
 
 def _has_rotary(path: list[fx.Node]) -> bool:
-    names = {op_name(n) for n in path}
+    names = {op_kind(n) for n in path}
     return bool(names & _ROTARY_MARKERS) and "mul" in names
 
 
@@ -210,7 +211,7 @@ def _head_dim_from_views(q_input: fx.Node) -> int | None:
     for _ in range(_MAX_WALK):
         if not isinstance(node, fx.Node):
             return None
-        if op_name(node) in ("view", "reshape") and len(node.args) >= 2:
+        if op_kind(node) in ("view", "reshape") and len(node.args) >= 2:
             sizes = node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1]
             if len(sizes) == 4 and isinstance(sizes[-1], int) and sizes[-1] > 0:
                 return sizes[-1]

@@ -27,6 +27,7 @@ class Analysis:
     gm: fx.GraphModule = field(repr=False)
     sites: list[LinearSite]
     attention: list[AttentionOp]
+    _groups: list | None = field(default=None, init=False, repr=False)
 
     def site(self, path: str) -> LinearSite:
         """Return the site whose module path is ``path``."""
@@ -48,6 +49,18 @@ class Analysis:
             if site.block is not None and site.block not in seen:
                 seen.append(site.block)
         return seen
+
+    @property
+    def groups(self) -> list:
+        """Coupling groups for structured pruning (:class:`~surgeon_fx.analysis.coupling.CouplingGroup`).
+
+        Computed on first access and cached with this analysis.
+        """
+        if self._groups is None:
+            from .coupling import find_groups
+
+            self._groups = find_groups(self)
+        return self._groups
 
     def sites_with_role(self, *roles: str) -> list[LinearSite]:
         return [s for s in self.sites if s.role in roles]

@@ -33,7 +33,9 @@ ROLES = ("q", "k", "v", "qkv", "attn_out", "mlp_up", "mlp_gate", "mlp_gate_up", 
 ATTENTION_ROLES = ("q", "k", "v", "qkv", "attn_out")
 MLP_ROLES = ("mlp_up", "mlp_gate", "mlp_gate_up", "mlp_down")
 
-_LAYER_INDEX = re.compile(r"^(?P<block>.+?)\.(?P<index>\d+)(?:\.|$)")
+# A repeated block contains its layers, so the index must be followed by more path:
+# in "mlp.0" (an nn.Sequential holding a Linear) the 0 is not a block index.
+_LAYER_INDEX = re.compile(r"^(?P<block>.+?)\.(?P<index>\d+)\.")
 
 
 @dataclass(eq=False)
@@ -239,11 +241,15 @@ def _site_path(node: fx.Node, weight: fx.Node) -> str:
     """
     module_path = node_module_path(node)
     weight_path = None
-    if weight.op == "get_attr":
+    # A Dynamo placeholder carries the parameter's name in the model when the
+    # backend knows the model. Its module path may then be relative to the frame
+    # Dynamo compiled (``self_attn.q_proj`` for ``layers.1.self_attn.q_proj``).
+    weight_name = weight.target if weight.op == "get_attr" else weight.meta.get("surgeon_fx_name")
+    if isinstance(weight_name, str):
         for suffix in (".weight", "_weight"):
-            if weight.target.endswith(suffix):
-                weight_path = weight.target[: -len(suffix)]
+            if weight_name.endswith(suffix):
+                weight_path = weight_name[: -len(suffix)]
                 break
-    if weight_path and (not module_path or weight_path.startswith(module_path + ".")):
+    if weight_path and (not module_path or f".{module_path}." in f".{weight_path}."):
         return weight_path
     return module_path or weight_path or node.name

@@ -19,7 +19,7 @@ from collections import deque
 
 from torch import fx
 
-from .._fx_utils import op_name
+from ._module_ops import op_kind
 from .linear_sites import LinearSite
 
 ACTIVATIONS = {
@@ -61,7 +61,7 @@ def assign_mlp_roles(sites: list[LinearSite], sites_by_node: dict[fx.Node, Linea
 def _mlp_roles(sources, activated, nodes, down) -> dict[LinearSite, str] | None:
     if len(sources) == 1:
         site = sources[0]
-        fused = any(op_name(n) in _SPLITS - {"getitem"} for n in nodes)
+        fused = any(op_kind(n) in _SPLITS - {"getitem"} for n in nodes)
         if fused and site.out_features == 2 * down.in_features:
             return {site: "mlp_gate_up"}
         if site.out_features == down.in_features:
@@ -96,7 +96,7 @@ def _elementwise_region(start: fx.Node, sites_by_node) -> tuple[set[fx.Node], li
             continue
         if node.op == "get_attr":
             continue
-        if op_name(node) not in _ELEMENTWISE or len(nodes) >= _MAX_WALK:
+        if op_kind(node) not in _ELEMENTWISE or len(nodes) >= _MAX_WALK:
             return None
         nodes.add(node)
         queue.extend(node.args)
@@ -106,7 +106,7 @@ def _elementwise_region(start: fx.Node, sites_by_node) -> tuple[set[fx.Node], li
 def _sites_behind_activation(nodes: set[fx.Node], sites_by_node) -> list[LinearSite]:
     """Return the sites that feed an activation inside the region ``nodes``."""
     found: list[LinearSite] = []
-    queue = deque(n for n in nodes if op_name(n) in ACTIVATIONS)
+    queue = deque(n for n in nodes if op_kind(n) in ACTIVATIONS)
     seen: set[fx.Node] = set()
     while queue:
         node = queue.popleft()

@@ -25,19 +25,40 @@ def replace_linear(gm: fx.GraphModule, rewriter: Rewriter, site: LinearSite, mod
     path = site.path
     if has_attr(gm, path) and _other_readers(graph, path, site):
         raise ValueError(f"other nodes read attributes below {path!r}; cannot replace it")
+    previous = fetch_attr(gm, path) if has_attr(gm, path) else None
+    if previous is not None and not isinstance(previous, nn.Module):
+        raise ValueError(f"{path!r} is a {type(previous).__name__}, not a module")
+    # The module goes in first because Graph.call_module looks its target up. In a
+    # Dynamo graph no module exists at the path, since weights are placeholders.
+    rewriter.swap_module(path, module)
     with graph.inserting_before(site.node):
         new_node = graph.call_module(path, (site.input,))
     new_node.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(new_node)
     graph.erase_node(site.node)
     for param_node in (site.weight_node, site.bias_node):
-        if param_node is not None and param_node.op == "get_attr" and not param_node.users:
+        if param_node is None or param_node.op != "get_attr":
+            continue
+        if not param_node.users:
             graph.erase_node(param_node)
-    previous = fetch_attr(gm, path) if has_attr(gm, path) else None
-    if previous is not None and not isinstance(previous, nn.Module):
-        raise ValueError(f"{path!r} is a {type(previous).__name__}, not a module")
-    rewriter.swap_module(path, module)
+        elif param_node.target.startswith(path + "."):
+            # A tied weight, such as an lm_head that shares the token embedding, is
+            # still read by other nodes, so point them at another name of the tensor.
+            param_node.target = _alias_outside(gm, previous, param_node, path)
     return new_node
+
+
+def _alias_outside(gm: fx.GraphModule, previous: nn.Module | None, node: fx.Node, path: str) -> str:
+    tensor = fetch_attr(previous, node.target[len(path) + 1:]) if previous is not None else None
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, value in named:
+        if value is tensor and not name.startswith(path + "."):
+            return name
+    readers = [user.name for user in node.users]
+    raise ValueError(
+        f"{node.target!r} is also read by {readers} and no other attribute refers to that tensor, so "
+        f"{path!r} cannot be replaced; exclude it from the plan"
+    )
 
 
 def _other_readers(graph: fx.Graph, path: str, site: LinearSite) -> bool:
