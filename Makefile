@@ -26,7 +26,8 @@ demo: install
 	$(PY) -m surgeon_fx.demo
 
 bench: install
-	$(PY) benchmarks/capture_analyze.py
+	$(PIP) install --quiet -e ".[bench]" "torch==$(TORCH_VERSION)"
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

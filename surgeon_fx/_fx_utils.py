@@ -71,10 +71,11 @@ def _clean_path(path: str) -> str:
 
 
 def node_shape(node: Any) -> tuple | None:
-    """Return the shape recorded on ``node`` by export or shape propagation."""
+    """Return the shape recorded on ``node`` by export, Dynamo or shape propagation."""
     if not isinstance(node, fx.Node):
         return None
-    value = node.meta.get("val")
+    # Export records "val"; Dynamo graphs, as a torch.compile backend sees them, "example_value".
+    value = node.meta.get("val", node.meta.get("example_value"))
     if isinstance(value, torch.Tensor):
         return tuple(value.shape)
     tensor_meta = node.meta.get("tensor_meta")

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 from torch import fx
 
 from .analysis import analyze
+from .blockwise import is_blockwise
 from .calibration import CalibrationStats, calibrate
 from .errors import PlanError, RestoreError, SurgeonError, SurgeonWarning
 from .passes.decompose_linear import decompose_linear
@@ -66,6 +67,12 @@ def compress(
             f"compress() expects a torch.fx.GraphModule, got {type(gm).__name__}; "
             "call surgeon_fx.capture(model, args) first"
         )
+    if is_blockwise(gm):
+        raise PlanError(
+            "this graph module joins the separately exported blocks of a blockwise capture and does not "
+            "compute the model; compress the live model with surgeon_fx.compress_model() or "
+            "CompressionSchemesManager instead"
+        )
     plan = Plan.coerce(plan)
     journal = journal_of(gm)
     if journal.state == "hard":
@@ -95,8 +102,7 @@ def compress(
     analysis = analyze(gm)
     if calibration is not None:
         calibration = list(calibration)
-        selected = [s for s in analysis.sites if any(r.selector.matches(s) for r in plan.lrd)]
-        stats = calibrate(gm, calibration, selected, progress=progress)
+        stats = calibrate(gm, calibration, plan.calibrated_sites(analysis), progress=progress)
     actions = plan.resolve_lrd(analysis, stats=stats)
     if plan.prune:
         PassManager(gm).run(prune_passes(plan, analysis, actions, hard=hard, stats=stats))

@@ -19,7 +19,9 @@ shape, a changed guard). Each call:
    :class:`~surgeon_fx.passes.PassManager`. It rewrites each selected
    ``linear(x, weight, bias)`` into ``linear(linear(x, v), u, bias)``, where ``v``
    (``rank x in_features``) and ``u`` (``out_features x rank``) are new placeholders
-   appended to the graph's inputs. The weight placeholder stays, unused;
+   appended to the graph's inputs. The weight placeholder stays, unused. Sites that
+   prune rules select read a masked weight (and bias) from new placeholders instead
+   (``mask_linear_inputs``);
 4. compiles the rewritten graph with the inner backend and returns a wrapper that
    looks up the factors of the weights it receives and passes them as the extra inputs.
 
@@ -28,23 +30,28 @@ Why factors are inputs, not constants
 Dynamo passes parameters as inputs and does not guard on which module instance they
 come from. One compiled graph can therefore serve several instances of a block class,
 such as the layers of a model with a graph break inside its layer loop. Factors baked
-into the graph would then apply layer 0's factors to layer 1. The wrapper reads the factors of
-the weights it is actually given from a :class:`FactorCache`, keyed by the weight
-tensor's identity and version counter: each weight is factorised once, whatever the
-number of graphs and recompilations, and again after an in-place update.
+into the graph would then apply layer 0's factors to layer 1. The wrapper therefore
+reads the factors of the weights it receives from a :class:`FactorCache`, keyed by
+the weight tensor's identity and version counter. Each weight is factorised once,
+whatever the number of graphs and recompilations, and again after an in-place update.
+
+Soft pruning works the same way: a pruned site reads a copy of its weight with the
+removed rows and columns zeroed, from a new input, and the kept channels are data,
+not graph structure.
 
 When the graph runs with weights other than those it was compiled with, the wrapper
-checks once per set of weights that the plan gives them the same ranks. If it does
-not, a copy of the graph compressed for those weights runs without the inner backend,
-with a :class:`~surgeon_fx.errors.SurgeonWarning`. Without ``model`` the new weights
-have no names, so a plan that selects by layer or path raises
+resolves the plan once for that set of weights on a copy of the original graph. If
+the result has the same structure (the same sites, ranks and masked biases), the
+compiled graph serves those weights with their own factors and masks. If it does
+not, the rewritten copy runs without the inner backend, with a
+:class:`~surgeon_fx.errors.SurgeonWarning`. Without ``model`` the new weights have
+no names, so a plan that selects by layer or path raises
 :class:`~surgeon_fx.errors.SurgeonError` there rather than return a result the plan
 did not ask for.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import warnings
@@ -58,15 +65,18 @@ from torch import fx, nn
 
 from . import layers
 from .analysis import Analysis, LinearSite, analyze
-from .analysis.linear_sites import split_layer
 from .errors import PlanError, SurgeonError, SurgeonWarning
-from .passes.decompose_linear_to_inputs import decompose_linear_to_inputs
+from .passes.decompose_linear_to_inputs import decompose_linear_to_inputs, mask_linear_inputs
+from .passes.prune_select import PruneSelection, _selects, select_channels
 from .passes.manager import PassManager, snapshot_graph
-from .plan import CALIBRATED_METHODS, LRDAction, Plan, _resolve_rank
+from .plan import CALIBRATED_METHODS, LRDAction, Plan
 
 logger = logging.getLogger(__name__)
 
 CompilerFn = Callable[[fx.GraphModule, list], Callable]
+
+# Units whose soft pruning (zeroed rows and columns) equals their hard pruning.
+BACKEND_PRUNE_UNITS = ("mlp_neurons", "heads")
 
 
 def backend(
@@ -79,8 +89,9 @@ def backend(
 
     Args:
         plan: a :class:`~surgeon_fx.Plan`, a dict or a TOML/JSON file, as for
-            :func:`~surgeon_fx.compress`. Only ``"lrd"`` rules with method ``"svd"``
-            are supported.
+            :func:`~surgeon_fx.compress`. Supported: ``"lrd"`` rules with method
+            ``"svd"``, and ``"prune"`` rules for the units ``"mlp_neurons"`` and
+            ``"heads"``, which are applied soft (masked weights, see below).
         inner: the backend that compiles the compressed graph: a name known to
             ``torch._dynamo.lookup_backend`` (``"inductor"``, ``"eager"``, ...) or a
             callable ``(gm, example_inputs) -> callable``.
@@ -90,9 +101,12 @@ def backend(
             ``layers.1.self_attn.q_proj``), which loses layer indices. With ``model``
             the backend names each site after its weight in ``model.named_parameters()``.
 
-    The model itself is never changed: the factors live in the backend's cache, and
-    the original weights stay in the model. Factors receive no gradient, so use the
-    backend for inference.
+    The model itself is never changed: the factors and masked weights live in the
+    backend's caches, and the original weights stay in the model. Pruned sites read a
+    copy of their weight with the removed rows and columns zeroed, which gives the
+    outputs of hard pruning (checked against ``compress(..., hard=True)`` in the
+    tests) but not its speed-up. A site may be pruned or decomposed, not both.
+    Factors and masks receive no gradient, so use the backend for inference.
 
     Example::
 
@@ -110,7 +124,7 @@ def backend(
         linear_7 = torch._C._nn.linear(linear_6, surgeon_fx_u_0, None)
 
     Raises:
-        PlanError: the plan is invalid, has prune rules or uses a calibrated method.
+        PlanError: the plan is invalid, prunes the hidden size or uses a calibrated method.
         SurgeonError: ``inner`` names no registered backend.
     """
     return CompressionBackend(plan, inner, model=model)
@@ -124,6 +138,7 @@ class GraphReport:
     linear_sites: int
     sites: list[str]
     seconds: float  # time added by analysis and rewriting, not by the inner backend
+    pruned: list[str] = field(default_factory=list)  # soft-pruned sites
 
 
 @dataclass
@@ -193,7 +208,9 @@ class CompressionBackend:
         self.model = model
         self.cache = FactorCache()
         self.reports: list[GraphReport] = []
+        self.masks = _MaskCache()
         self._rule_matches = [0] * len(self.plan.lrd)
+        self._prune_matches = [0] * len(self.plan.prune)
         self._weight_ids: dict[str, int] = {}  # site path -> id of its weight
         self._warned_paths = False
 
@@ -206,51 +223,88 @@ class CompressionBackend:
         analysis = _analyze_quietly(gm)
         if self.model is None:
             self._warn_on_relative_paths(gm, analysis)
-        for index, rule in enumerate(self.plan.lrd):
-            self._rule_matches[index] += sum(rule.selector.matches(s) for s in analysis.sites)
-        # TODO: prune rules are rejected for now. They would plug in here as a pass run
-        # before the LRD pass, with pruned weights or masks passed as extra inputs like
-        # the factors, since weights are inputs. Hard pruning of a coupling group whose
-        # sites span several graphs must fall back to soft masks, warning with the sites.
-        slots, compressed, factors = self._rewrite(gm, analysis, example_inputs)
+        self._count_matches(analysis)
+        layout, extra = self._rewrite(gm, analysis, example_inputs)
         report = GraphReport(
             index=len(self.reports),
             linear_sites=len(analysis.sites),
-            sites=[slot.site.path for slot in compressed],
+            sites=[slot.site.path for slot in layout.compressed],
             seconds=time.perf_counter() - start,
+            pruned=[slot.site.path for slot in layout.masks],
         )
         self.reports.append(report)
-        _log_report(report, compressed)
-        compiled = self.inner(gm, [*example_inputs, *_static_examples(gm, example_inputs, factors)])
-        if not compressed:
+        _log_report(report, layout)
+        compiled = self.inner(gm, [*example_inputs, *_static_examples(gm, example_inputs, extra)])
+        if not layout.compressed and not layout.masks:
             return compiled
-        return _CompiledGraph(self, compiled, pristine, slots, compressed, list(example_inputs))
+        return _CompiledGraph(self, compiled, pristine, layout, list(example_inputs))
 
-    def _rewrite(self, gm: fx.GraphModule, analysis: Analysis, inputs: list) -> tuple[list, list, list]:
-        """Decompose the sites the plan selects in ``gm``, with factors as new inputs.
+    def _count_matches(self, analysis: Analysis) -> None:
+        for index, rule in enumerate(self.plan.lrd):
+            self._rule_matches[index] += sum(rule.selector.matches(s) for s in analysis.sites)
+        for index, rule in enumerate(self.plan.prune):
+            groups = [g for g in analysis.groups if g.unit == rule.unit]
+            self._prune_matches[index] += sum(_selects(rule, index, g) for g in groups)
 
-        Returns the slots of all linear sites, those of the compressed sites, and
-        the factor inputs ``v_0, u_0, v_1, u_1, ...`` for the weights in ``inputs``.
+    def _rewrite(self, gm: fx.GraphModule, analysis: Analysis, inputs: list) -> tuple[_Layout, list]:
+        """Compress the sites the plan selects in ``gm``, reading new tensors from new inputs.
+
+        Returns the layout of the new inputs and their values for the weights in
+        ``inputs``: the factors ``v_0, u_0, v_1, u_1, ...``, then the masked weights
+        (and biases) of pruned sites.
         """
         # NOTE: a rule with a "budget" shares it among the sites of this graph only.
         # With graph breaks the ranks can differ from those compress() picks for the
         # whole model, although each graph still meets the budget.
         resolved = self.plan.resolve_lrd(analysis, require_match=False)
-        # Only weights that arrive as inputs can be swapped for factors. With inlined
-        # built-in modules (always on in torch 2.13) every parameter does.
+        # Only weights that arrive as inputs can be swapped. With inlined built-in
+        # modules (always on in torch 2.13) every parameter does.
         actions = [a for a in resolved if a.rank is not None and _weight_is_input(a.site)]
-        slots, compressed = _slots(gm, analysis, actions)
-        factors = self._factors(inputs, compressed)
+        selection = self._select_channels(analysis)
+        layout = _layout(gm, analysis, actions, selection)
+        extra = self._extra_inputs(inputs, layout)
+        factors = extra[: 2 * len(actions)]
+        masked = [self.masks.masked(inputs, slot) for slot in layout.masks]
+        passes = []
         if actions:
             pairs = list(zip(factors[1::2], factors[0::2]))
-            PassManager(gm).run([("decompose_linear_to_inputs", decompose_linear_to_inputs(actions, pairs))])
-        return slots, compressed, factors
+            passes.append(("decompose_linear_to_inputs", decompose_linear_to_inputs(actions, pairs)))
+        if layout.masks:
+            sites = [slot.site for slot in layout.masks]
+            passes.append(("mask_linear_inputs", mask_linear_inputs(sites, masked)))
+        if passes:
+            PassManager(gm).run(passes)
+        return layout, extra
 
-    def _factors(self, inputs: list, compressed: list[_Slot]) -> list[torch.Tensor]:
+    def _select_channels(self, analysis: Analysis) -> PruneSelection | None:
+        """Return the channels that the prune rules keep in this graph, or ``None``."""
+        rules = [
+            rule for index, rule in enumerate(self.plan.prune)
+            if any(g.unit == rule.unit and _selects(rule, index, g) for g in analysis.groups)
+        ]
+        if not rules:
+            return None
+        # NOTE: messages about a rule give its index among the rules that match this graph.
+        selection = select_channels(rules, analysis)
+        # TODO: pruning here is always soft (masked weights): the same outputs as hard
+        # pruning, without its speed-up. Hard pruning needs compact weights as inputs
+        # and rewritten shape constants in the Dynamo graph.
+        _warn_on_partial_groups(selection)
+        if selection.param_indices:
+            raise PlanError(
+                f"pruning here would also cut the parameters {sorted(p for p, _ in selection.param_indices)}, "
+                "which the torch.compile backend does not support; prune with surgeon_fx.compress"
+            )
+        return selection
+
+    def _extra_inputs(self, inputs: list | tuple, layout: _Layout) -> list[torch.Tensor]:
         extra = []
-        for slot in compressed:
+        for slot in layout.compressed:
             u, v = self.cache.factors(inputs[slot.weight_index], slot.site.weight_layout, slot.rank)
             extra += [v, u]
+        for slot in layout.masks:
+            weight, bias = self.masks.masked(inputs, slot)
+            extra += [weight] if bias is None else [weight, bias]
         return extra
 
     def _parameter_names(self) -> dict[int, str] | None:
@@ -278,23 +332,28 @@ class CompressionBackend:
             )
 
     @property
-    def unmatched_rules(self) -> list[int]:
-        """Indices of the LRD rules that matched no site in any graph compiled so far."""
-        return [i for i, count in enumerate(self._rule_matches) if count == 0]
+    def unmatched_rules(self) -> list[str]:
+        """The rules that matched no site or group in any graph compiled so far, as
+        ``"lrd 0"`` or ``"prune 1"``."""
+        unmatched = [f"lrd {i}" for i, count in enumerate(self._rule_matches) if count == 0]
+        return unmatched + [f"prune {i}" for i, count in enumerate(self._prune_matches) if count == 0]
 
     def check(self) -> None:
-        """Raise :class:`PlanError` for rules that matched no site in any graph so far.
+        """Raise :class:`PlanError` for rules that matched nothing in any graph so far.
 
         Call it after the first forward of the compiled model, when Dynamo has
         compiled every graph of the model.
         """
         if not self.reports:
             raise PlanError("the backend has compiled no graph yet; run the compiled model once, then check")
-        unmatched = self.unmatched_rules
-        if unmatched:
-            details = "; ".join(f"lrd rule {i} {self.plan.lrd[i].selector.to_dict()}" for i in unmatched)
+        details = []
+        for name in self.unmatched_rules:
+            kind, index = name.split()
+            rules = self.plan.lrd if kind == "lrd" else self.plan.prune
+            details.append(f"{kind} rule {index} {rules[int(index)].selector.to_dict()}")
+        if details:
             raise PlanError(
-                f"{details} matched no linear site in the {len(self.reports)} graphs compiled so far; "
+                f"{'; '.join(details)} matched nothing in the {len(self.reports)} graphs compiled so far; "
                 "fix the selectors, or pass model= to backend() so that paths and layers "
                 "are named from the model's parameters"
             )
@@ -302,88 +361,186 @@ class CompressionBackend:
 
 @dataclass
 class _Slot:
-    """A linear site of a compiled graph and where its weight sits among the inputs."""
+    """A compressed site of a graph and where its weight sits among the inputs."""
 
     site: LinearSite
     weight_index: int
-    rank: int | None  # None: the graph leaves this site dense
+    rank: int
 
 
-def _slots(gm: fx.GraphModule, analysis: Analysis, actions: list[LRDAction]) -> tuple[list[_Slot], list[_Slot]]:
-    """Return a slot per site whose weight is an input, and the slots of ``actions``."""
+@dataclass
+class _MaskSlot:
+    """A soft-pruned site: where its weight and bias sit, and the channels it keeps."""
+
+    site: LinearSite
+    weight_index: int
+    bias_index: int | None
+    kept_out: list[int] | None  # None: no output channel removed
+    kept_in: list[int] | None
+
+    @property
+    def masks_bias(self) -> bool:
+        return self.bias_index is not None and self.kept_out is not None
+
+
+@dataclass
+class _Layout:
+    """The extra inputs of a rewritten graph: factors first, then masked weights."""
+
+    compressed: list[_Slot]
+    masks: list[_MaskSlot]
+    weights: list[int]  # input positions of every linear site's weight
+
+    def structure(self) -> tuple:
+        """Return what the rewritten graph depends on; kept channels are only data."""
+        return (
+            tuple((s.weight_index, s.rank) for s in self.compressed),
+            tuple((m.weight_index, m.masks_bias) for m in self.masks),
+        )
+
+
+def _layout(gm: fx.GraphModule, analysis: Analysis, actions: list[LRDAction],
+            selection: PruneSelection | None) -> _Layout:
     positions = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
-    ranks = {a.site: a.rank for a in actions}
-    slots = [
-        _Slot(site, positions[site.weight_node], ranks.get(site))
-        for site in analysis.sites
-        if _weight_is_input(site)
+    compressed = [_Slot(a.site, positions[a.site.weight_node], a.rank) for a in actions]
+    pruned = [s for s in selection.sites.values() if _weight_is_input(s)] if selection else []
+    overlap = sorted({a.site.path for a in actions} & {s.path for s in pruned})
+    if overlap:
+        raise PlanError(
+            f"the sites {overlap} are selected by both prune and lrd rules, and the torch.compile "
+            "backend applies one of the two per site; narrow the rules, or prune and decompose "
+            "with surgeon_fx.compress on a captured graph module"
+        )
+    masks = [
+        _MaskSlot(
+            site,
+            positions[site.weight_node],
+            positions.get(site.bias_node),
+            selection.site_indices.get((site.path, "out")),
+            selection.site_indices.get((site.path, "in")),
+        )
+        for site in pruned
     ]
-    by_site = {slot.site: slot for slot in slots}
-    return slots, [by_site[a.site] for a in actions]
+    weights = [positions[s.weight_node] for s in analysis.sites if _weight_is_input(s)]
+    return _Layout(compressed, masks, weights)
+
+
+class _MaskCache:
+    """Soft-pruned copies of weights and biases, keyed by tensor identity, version and mask.
+
+    After an in-place update of a weight its new values are masked again, but the kept
+    channels stay those chosen when the graph was compiled.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple] = {}
+
+    def masked(self, inputs: list | tuple, slot: _MaskSlot) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = inputs[slot.weight_index]
+        bias = inputs[slot.bias_index] if slot.masks_bias else None
+        key = (id(weight), id(bias), _as_key(slot.kept_out), _as_key(slot.kept_in))
+        state = (_version(weight), _version(bias) if bias is not None else None)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is weight and entry[1] == state:
+            return entry[2]
+        value = _mask(weight, bias, slot)
+        self._entries[key] = (weakref.ref(weight, lambda _, key=key: self._entries.pop(key, None)), state, value)
+        return value
+
+
+def _as_key(kept: list[int] | None) -> tuple[int, ...] | None:
+    return None if kept is None else tuple(kept)
+
+
+def _mask(weight: torch.Tensor, bias: torch.Tensor | None, slot: _MaskSlot) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zero the removed output rows and input columns of ``weight``, and the bias entries.
+
+    A zeroed row makes the channel's output 0 and a zeroed column ignores the input
+    channel, which is what the hard-pruned layer computes on the kept channels.
+    """
+    out_dim, in_dim = (0, 1) if slot.site.weight_layout == "out_in" else (1, 0)
+    masked = weight.detach().clone()
+    if slot.kept_out is not None:
+        masked.index_fill_(out_dim, _removed(slot.kept_out, weight.shape[out_dim], weight.device), 0)
+    if slot.kept_in is not None:
+        masked.index_fill_(in_dim, _removed(slot.kept_in, weight.shape[in_dim], weight.device), 0)
+    if bias is not None:
+        bias = bias.detach().clone().index_fill_(0, _removed(slot.kept_out, bias.shape[0], bias.device), 0)
+    return masked, bias
+
+
+def _removed(kept: list[int], size: int, device: torch.device) -> torch.Tensor:
+    keep = set(kept)
+    return torch.tensor([i for i in range(size) if i not in keep], dtype=torch.long, device=device)
 
 
 class _CompiledGraph:
-    """The callable the backend returns for a graph it compressed.
+    """The callable the backend returns for a graph it rewrote.
 
-    Each call looks up the factors of the weights it receives and passes them as the
-    graph's extra inputs. Dynamo may call it with the weights of another instance of
-    the same block class. The plan is then checked once for those weights: when it
-    gives them the same ranks the compiled graph serves them too, and otherwise a
-    variant of the graph compressed for them runs without the inner backend.
+    Each call looks up the factors and masked weights of the weights it receives and
+    passes them as the graph's extra inputs. Dynamo may call it with the weights of
+    another instance of the same block class. The plan is then resolved once for
+    those weights on a copy of the original graph. When the result has the same
+    structure (the same sites and ranks), the compiled graph serves them with their
+    own factors and masks. Otherwise that rewritten copy runs without the inner backend.
     """
 
     def __init__(self, backend: CompressionBackend, compiled: Callable, pristine: fx.GraphModule,
-                 slots: list[_Slot], compressed: list[_Slot], inputs: list) -> None:
+                 layout: _Layout, inputs: list) -> None:
         self.backend = backend
         self.compiled = compiled
         self.pristine = pristine
-        self.slots = slots
-        self.compressed = compressed
-        self.expected = [inputs[slot.weight_index] for slot in slots]
-        self.variants: dict[tuple[int, ...], tuple[Callable, list[_Slot]]] = {}
+        self.layout = layout
+        self.expected = [inputs[i] for i in layout.weights]
+        # id tuple of the weights -> (those weights, callable, layout)
+        self.variants: dict[tuple[int, ...], tuple[list, Callable, _Layout]] = {}
 
     def __call__(self, *args: Any) -> Any:
-        run, compressed = self._select(args)
-        return run(*args, *self.backend._factors(args, compressed))
+        run, layout = self._select(args)
+        return run(*args, *self.backend._extra_inputs(args, layout))
 
-    def _select(self, args: tuple) -> tuple[Callable, list[_Slot]]:
-        weights = [args[slot.weight_index] for slot in self.slots]
+    def _select(self, args: tuple) -> tuple[Callable, _Layout]:
+        weights = [args[i] for i in self.layout.weights]
         if all(w is e for w, e in zip(weights, self.expected)):
-            return self.compiled, self.compressed
+            return self.compiled, self.layout
         key = tuple(id(w) for w in weights)
-        if key not in self.variants:
-            self.variants[key] = self._variant(weights, list(args))
-        return self.variants[key]
+        variant = self.variants.get(key)
+        if variant is None or any(w is not v for w, v in zip(weights, variant[0])):
+            variant = self.variants[key] = (weights, *self._variant(list(args)))
+        return variant[1], variant[2]
 
-    def _variant(self, weights: list[torch.Tensor], args: list) -> tuple[Callable, list[_Slot]]:
+    def _variant(self, args: list) -> tuple[Callable, _Layout]:
         plan = self.backend.plan
         names = self.backend._parameter_names()
-        if names is None:
-            if any(r.selector.layers is not None or r.selector.paths is not None for r in plan.lrd):
-                raise SurgeonError(
-                    f"Dynamo reused the graph compiled for {self.slots[0].site.path!r} and its "
-                    "neighbours for other weights (another instance of the same block class), "
-                    "and the plan selects by 'layers' or 'paths', which cannot be checked without "
-                    "names. Pass model= to surgeon_fx.backend()"
-                )
-            return self.compiled, self.compressed  # rules by role give every instance the same ranks
-        renamed = [_renamed(slot.site, names.get(id(w))) for slot, w in zip(self.slots, weights)]
-        compiled_for = _plan_signature(plan, [slot.site for slot in self.slots])
-        if _plan_signature(plan, renamed) == compiled_for:
-            return self.compiled, self.compressed
+        by_name = any(r.selector.layers is not None or r.selector.paths is not None for r in [*plan.lrd, *plan.prune])
+        if names is None and by_name:
+            raise SurgeonError(
+                f"Dynamo reused the graph compiled for {self._first_path()!r} and its "
+                "neighbours for other weights (another instance of the same block class), "
+                "and the plan selects by 'layers' or 'paths', which cannot be checked without "
+                "names. Pass model= to surgeon_fx.backend()"
+            )
         gm = _copy_dynamo_graph_module(self.pristine)
         _bind_parameters(gm, args, names)
-        slots, compressed, _ = self.backend._rewrite(gm, _analyze_quietly(gm), args)
+        analysis = _analyze_quietly(gm)
+        layout, _ = self.backend._rewrite(gm, analysis, args)
+        if layout.structure() == self.layout.structure():
+            return self.compiled, layout
         warnings.warn(
-            f"Dynamo reused the graph compiled for {self.slots[0].site.path!r} and its neighbours "
-            f"for the weights of {renamed[0].path!r} (another instance of the same block class), "
-            "which the plan compresses differently; that graph now runs compressed as the plan "
-            "says but without the inner backend. Keep graph breaks out of repeated blocks, or "
+            f"Dynamo reused the graph compiled for {self._first_path()!r} and its neighbours "
+            f"for the weights of {analysis.sites[0].path!r} and its neighbours (another instance "
+            "of the same block class), which the plan compresses differently; that graph "
+            "now runs compressed as the plan specifies "
+            "but without the inner backend. Keep graph breaks out of repeated blocks, or "
             "give them the same rules, to compile every block",
             SurgeonWarning,
             stacklevel=2,
         )
-        return gm, compressed
+        return gm, layout
+
+    def _first_path(self) -> str:
+        sites = self.layout.compressed or self.layout.masks
+        return sites[0].site.path
 
 
 def _static_examples(gm: fx.GraphModule, inputs: list, factors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -398,42 +555,38 @@ def _static_examples(gm: fx.GraphModule, inputs: list, factors: list[torch.Tenso
     return [node.meta.get("example_value", factor) for node, factor in zip(extra, factors)]
 
 
+def _warn_on_partial_groups(selection: PruneSelection) -> None:
+    # A graph break inside a block leaves part of a coupling group in another graph.
+    # Masking the part in this graph is still exact, but channels are scored on fewer
+    # weights than compress() uses, so it may keep other channels.
+    consumer = {"heads": "attn_out", "mlp_neurons": "mlp_down"}
+    for action in selection.actions:
+        group = action.group
+        if consumer.get(group.unit) not in {site.role for site in group.sites}:
+            warnings.warn(
+                f"the {group.unit} group of {[s.path for s in group.sites]} has sites in another "
+                "Dynamo graph (a graph break inside the block); the backend masks these sites "
+                "and scores channels on their weights only, so it may keep other channels "
+                "than surgeon_fx.compress",
+                SurgeonWarning,
+                stacklevel=2,
+            )
+
+
 def _weight_is_input(site: LinearSite) -> bool:
     return site.weight_node is not None and site.weight_node.op == "placeholder"
 
 
-def _renamed(site: LinearSite, weight_name: str | None) -> LinearSite:
-    if weight_name is None:
-        return site
-    path = weight_name.removesuffix(".weight")
-    block, layer = split_layer(path)
-    return dataclasses.replace(site, path=path, block=block, layer=layer)
-
-
-def _plan_signature(plan: Plan, sites: list[LinearSite]) -> tuple:
-    """Return, per site, the index of the last LRD rule selecting it and its rank."""
-    signature = []
-    for site in sites:
-        chosen = None
-        for index, rule in enumerate(plan.lrd):
-            if rule.selector.matches(site):
-                chosen = index
-        if chosen is None:
-            signature.append(None)
-        elif plan.lrd[chosen].budget is not None:
-            signature.append((chosen, "budget"))
-        else:
-            signature.append((chosen, _resolve_rank(plan.lrd[chosen], chosen, site)))
-    return tuple(signature)
-
-
 def _reject_unsupported_rules(plan: Plan) -> None:
-    if plan.prune:
-        raise PlanError(
-            f"the torch.compile backend supports only 'lrd' rules, and the plan has "
-            f"{len(plan.prune)} 'prune' rules; remove them, or prune with "
-            "surgeon_fx.compress(surgeon_fx.capture(model, args), plan) and compile the result"
-        )
+    for index, rule in enumerate(plan.prune):
+        if rule.unit not in BACKEND_PRUNE_UNITS:
+            # Masking hidden channels is not hard pruning: a norm over the hidden size
+            # would still divide by the full size.
+            raise PlanError(
+                f"prune rule {index} prunes unit {rule.unit!r}, which the torch.compile backend "
+                f"does not support (it supports {list(BACKEND_PRUNE_UNITS)}); prune it with "
+                "surgeon_fx.compress(surgeon_fx.capture(model, args), plan) and compile the result"
+            )
     for index, rule in enumerate(plan.lrd):
         if rule.method in CALIBRATED_METHODS:
             raise PlanError(
@@ -498,12 +651,16 @@ def _analyze_quietly(gm: fx.GraphModule) -> Analysis:
     return analysis
 
 
-def _log_report(report: GraphReport, compressed: list[_Slot]) -> None:
+def _log_report(report: GraphReport, layout: _Layout) -> None:
     logger.info(
-        "graph %d: compressed %d of %d linear sites in %.1f ms: %s",
+        "graph %d: compressed %d and pruned %d of %d linear sites in %.1f ms: %s",
         report.index,
-        len(report.sites),
+        len(layout.compressed),
+        len(layout.masks),
         report.linear_sites,
         report.seconds * 1000,
-        ", ".join(f"{slot.site.path} (rank {slot.rank})" for slot in compressed) or "none",
+        ", ".join(
+            [f"{slot.site.path} (rank {slot.rank})" for slot in layout.compressed]
+            + [f"{slot.site.path} (pruned)" for slot in layout.masks]
+        ) or "none",
     )

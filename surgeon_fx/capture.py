@@ -9,7 +9,14 @@ Order of attempts:
    such a dimension has size 1, the export runs on inputs repeated to size 2,
    because export would fix a size-1 dimension. If the dynamic export fails, a
    static export is tried.
-3. ``torch.fx.symbolic_trace(model)`` for plain modules that export rejects.
+3. Blockwise capture (:mod:`surgeon_fx.blockwise`) for a model with repeated
+   blocks that does not export whole: each block is exported alone from the
+   inputs it received in one eager run, and the graphs are joined for analysis.
+4. ``torch.fx.symbolic_trace(model)`` for plain modules that export rejects.
+
+``strategy="whole"`` skips step 3, and ``strategy="blockwise"`` goes to step 3
+directly. The log (logger ``surgeon_fx.capture``, level INFO) names the strategy
+used and why.
 """
 
 from __future__ import annotations
@@ -23,12 +30,17 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .blockwise import capture_blockwise, export_quietly, find_stacks
 from .errors import CaptureError
 
 logger = logging.getLogger(__name__)
 
+STRATEGIES = ("auto", "whole", "blockwise")
 
-def capture(model: nn.Module, args: Any = (), kwargs: dict | None = None, *, dynamic: bool = True) -> fx.GraphModule:
+
+def capture(
+    model: nn.Module, args: Any = (), kwargs: dict | None = None, *, dynamic: bool = True, strategy: str = "auto"
+) -> fx.GraphModule:
     """Return ``model`` as a graph module whose linear nodes keep their module paths.
 
     Args:
@@ -38,12 +50,19 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict | None = None, *, dyn
             ``config.use_cache`` set to False (and reset afterwards), so the graph
             returns no KV cache and takes no ``use_cache`` input.
         dynamic: mark dimensions 0 and 1 of every example tensor (batch and
-            sequence) dynamic, so the graph runs at other sizes.
+            sequence) dynamic, so the graph runs at other sizes. A blockwise
+            capture is always static.
+        strategy: ``"auto"`` (whole model, then blockwise, then symbolic tracing),
+            ``"whole"`` (never blockwise) or ``"blockwise"``. A blockwise capture
+            returns a joined graph for analysis that does not compute the model;
+            compress the live model with :func:`surgeon_fx.compress_model`.
 
     Raises:
-        CaptureError: ``model`` is not a module, its forward raises on the example
-            inputs, or neither export nor symbolic tracing can capture it.
+        CaptureError: ``model`` is not a module, ``strategy`` is unknown, the
+            forward raises on the example inputs, or no strategy can capture it.
     """
+    if strategy not in STRATEGIES:
+        raise CaptureError(f"unknown capture strategy {strategy!r}; choose one of {list(STRATEGIES)}")
     if isinstance(args, torch.Tensor):
         args = (args,)
     args = tuple(args)
@@ -57,13 +76,23 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict | None = None, *, dyn
             f"capture() expects a torch.nn.Module, got {type(model).__name__}; "
             "pass the model object itself, not its output or state_dict"
         )
+    blockwise_error = None
     with _cache_disabled(model):
+        if strategy == "blockwise":
+            return capture_blockwise(model, args, kwargs, reason="strategy='blockwise' was requested")
         _check_forward_runs(model, args, kwargs)
         try:
             return _export(model, args, kwargs, dynamic)
         except Exception as err:  # noqa: BLE001 - any export failure falls through to tracing
             export_error = err
             logger.info("torch.export failed for %s: %s", type(model).__name__, _first_line(err))
+        if strategy == "auto" and find_stacks(model):
+            reason = f"whole-model torch.export failed with {type(export_error).__name__}: {_first_line(export_error)}"
+            try:
+                return capture_blockwise(model, args, kwargs, reason=reason)
+            except CaptureError as err:
+                blockwise_error = err
+                logger.info("blockwise capture of %s failed: %s", type(model).__name__, err)
 
     try:
         gm = fx.symbolic_trace(model)
@@ -72,9 +101,11 @@ def capture(model: nn.Module, args: Any = (), kwargs: dict | None = None, *, dyn
             f"cannot capture {type(model).__name__}: torch.export.export failed with "
             f"{type(export_error).__name__}: {_first_line(export_error)}; "
             f"torch.fx.symbolic_trace failed with {type(trace_error).__name__}: "
-            f"{_first_line(trace_error)}. Data-dependent control flow (an `if` on a "
-            "tensor's value) is the usual cause: rewrite it with torch.cond, or capture "
-            "each block separately"
+            f"{_first_line(trace_error)}"
+            f"{'' if blockwise_error is None else f'; blockwise capture failed: {blockwise_error}'}. "
+            "Data-dependent control flow (an `if` on a tensor's value) is the usual cause: "
+            "rewrite it with torch.cond, or hold the repeated blocks in an nn.ModuleList so "
+            "that blockwise capture can export them one by one"
         ) from export_error
     logger.info("captured %s with torch.fx.symbolic_trace", type(model).__name__)
     if args:
@@ -92,14 +123,16 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
                 if gm is not None:
                     return gm
             try:
-                program = torch.export.export(
+                program = export_quietly(
                     model, args, kwargs=kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False
                 )
                 logger.info("captured %s with torch.export (dynamic batch and sequence)", type(model).__name__)
                 return program.module()
             except Exception as err:  # noqa: BLE001
+                if _data_dependent(err):
+                    raise
                 logger.info("dynamic export failed (%s); trying static shapes", _first_line(err))
-        program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+        program = export_quietly(model, args, kwargs=kwargs, strict=False)
     logger.info("captured %s with torch.export (static shapes)", type(model).__name__)
     return program.module()
 
@@ -116,7 +149,7 @@ def _export_widened(model: nn.Module, args: tuple, kwargs: dict, dims: tuple[int
     if not _differs(args, wide_args) and not _differs(kwargs, wide_kwargs):
         return None
     try:
-        program = torch.export.export(
+        program = export_quietly(
             model, wide_args, kwargs=wide_kwargs,
             dynamic_shapes=_dynamic_shapes(model, wide_args, wide_kwargs), strict=False,
         )
@@ -124,6 +157,8 @@ def _export_widened(model: nn.Module, args: tuple, kwargs: dict, dims: tuple[int
         with torch.no_grad():
             gm(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - fall back to the example inputs as given
+        if _data_dependent(err):
+            raise
         logger.info("export on inputs widened to size 2 along dimensions %s failed (%s)", dims, _first_line(err))
         return None
     logger.info("captured %s with torch.export (dynamic batch and sequence, traced at size 2)", type(model).__name__)
@@ -227,6 +262,17 @@ class _fastpath_disabled:
 
     def __exit__(self, *exc: object) -> None:
         torch.backends.mha.set_fastpath_enabled(self._previous)
+
+
+def _data_dependent(err: BaseException) -> bool:
+    """Whether export failed on control flow that depends on tensor values.
+
+    Such a failure does not depend on which dimensions are dynamic, so trying other
+    shape settings would only repeat it.
+    """
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return isinstance(err, GuardOnDataDependentSymNode)
 
 
 def _first_line(err: BaseException | None) -> str:

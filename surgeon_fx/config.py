@@ -25,9 +25,11 @@ The outputs of ``sa_out`` and ``mlp_down`` are channels of the residual stream,
 which every block shares, so they are pruned only through
 ``pruning_ratio_skip_connections`` (the fraction of the hidden size removed).
 
-For a model with several kinds of blocks (a vision tower and a language model),
-nest the keys under each block's prefix as :attr:`Analysis.blocks` lists it, such
-as ``{"model.visual.blocks": {"sa_qkv": [...]}, "model.layers": {...}}``.
+For a model with several towers (a vision encoder and a language model), nest the
+keys under each tower's name as :attr:`Analysis.towers` lists it, such as
+``{"vision": {"sa_qkv": [...]}, "text": {...}}`` for Qwen2.5-VL. A tower without a
+recognised name is named by its stack prefix (``"model.layers"``), and a stack
+prefix works in place of a tower name.
 
 :meth:`CompressionConfig.to_plan` turns the lists into :class:`~surgeon_fx.plan.Plan`
 rules (one rule per key and distinct value) and :meth:`CompressionConfig.from_plan`
@@ -54,7 +56,7 @@ KEYS = tuple(LRD_ROLES)
 PRUNE_UNITS = {"sa_qkv": "heads", "mlp_up": "mlp_neurons", "mlp_gate": "mlp_neurons"}
 _RESIDUAL_KEYS = ("sa_out", "mlp_down")
 
-FLAT = None  # block name of a config whose keys are not nested under block prefixes
+FLAT = None  # tower name of a config whose keys are not nested under tower names
 
 
 @dataclass
@@ -62,9 +64,9 @@ class CompressionConfig:
     """LRD ranks and pruning ratios per key and per block (see the module docstring).
 
     Args:
-        pruning_ratio_lists: key -> list of ratios in [0, 1), or block prefix ->
+        pruning_ratio_lists: key -> list of ratios in [0, 1), or tower name ->
             such a mapping. A ratio of 0 leaves the block as it is.
-        lrd_rank_lists: key -> list of positive ints or ``"full"``, or block prefix
+        lrd_rank_lists: key -> list of positive ints or ``"full"``, or tower name
             -> such a mapping. ``"full"`` leaves the site as it is.
         pruning_ratio_skip_connections: fraction of the hidden size (the residual
             stream) to remove, in [0, 1).
@@ -121,8 +123,8 @@ class CompressionConfig:
         counts = block_counts(analysis)
         for name, kind in (("lrd_rank_lists", self.lrd_ranks), ("pruning_ratio_lists", self.pruning_ratios)):
             for block, lists in kind.items():
-                prefix = _block_prefix(block, counts, name)
-                roles = {s.role for s in analysis.sites if s.block == prefix}
+                prefix = _block_prefix(_tower_name(block, analysis), counts, name)
+                roles = {s.role for s in analysis.sites if s.block is not None and s.tower == prefix}
                 for key, values in lists.items():
                     where = f"{name}{_where(block, key)}"
                     if len(values) != counts[prefix]:
@@ -151,7 +153,7 @@ class CompressionConfig:
                     roles = tuple(r for r in roles if r != "mlp_gate")
                 for value, layers in _group_layers(values):
                     if value != "full":
-                        selector = Selector(roles=roles, layers=layers, paths=_paths(block))
+                        selector = Selector(roles=roles, layers=layers, towers=_towers(block))
                         lrd.append(LRDRule(selector=selector, rank=value, method=self.lrd_method))
         prune = []
         for block, lists in self.pruning_ratios.items():
@@ -159,7 +161,7 @@ class CompressionConfig:
             for key, values in merged.items():
                 for value, layers in _group_layers(values):
                     if value:
-                        selector = Selector(layers=layers, paths=_paths(block))
+                        selector = Selector(layers=layers, towers=_towers(block))
                         prune.append(PruneRule(selector=selector, unit=PRUNE_UNITS[key], ratio=value, gqa=self.gqa))
         if self.pruning_ratio_skip_connections:
             prune.append(PruneRule(selector=Selector(), unit="hidden", ratio=self.pruning_ratio_skip_connections))
@@ -169,7 +171,7 @@ class CompressionConfig:
     def from_plan(cls, plan: Plan | dict, num_blocks: int | dict[str, int]) -> CompressionConfig:
         """Read a plan written by :meth:`to_plan` back into per-layer lists.
 
-        ``num_blocks`` is the block count of a flat config, or block prefix -> count.
+        ``num_blocks`` is the block count of a flat config, or tower name -> count.
 
         Raises:
             PlanError: a rule that per-layer lists cannot express (no ``layers``
@@ -230,12 +232,17 @@ class CompressionConfig:
 
 
 def block_counts(analysis: Analysis) -> dict[str, int]:
-    """Return block prefix -> number of blocks (highest layer index + 1)."""
+    """Return tower name -> number of blocks (highest layer index + 1)."""
     counts: dict[str, int] = {}
     for site in analysis.sites:
         if site.block is not None and site.role != "other":
-            counts[site.block] = max(counts.get(site.block, 0), site.layer + 1)
+            counts[site.tower] = max(counts.get(site.tower, 0), site.layer + 1)
     return counts
+
+
+def _tower_name(block: str | None, analysis: Analysis) -> str | None:
+    """Return the tower name of a config key, which may be a stack prefix."""
+    return {prefix: name for name, prefix in analysis.towers.items()}.get(block, block)
 
 
 def _parse_lists(data: Any, name: str, check) -> dict[str | None, dict[str, list]]:
@@ -309,8 +316,8 @@ def _is_active(value: Any) -> bool:
     return value not in ("full", 0, 0.0)
 
 
-def _paths(block: str | None) -> tuple[str, ...] | None:
-    return None if block is FLAT else (f"{block}.*",)
+def _towers(block: str | None) -> tuple[str, ...] | None:
+    return None if block is FLAT else (block,)
 
 
 def _where(block: str | None, key: str | None) -> str:
@@ -323,17 +330,21 @@ def _block_prefix(block: str | None, counts: dict[str, int], name: str) -> str:
         if len(counts) != 1:
             raise PlanError(
                 f"{name} is flat but the model has {len(counts)} kinds of blocks {sorted(counts)}; "
-                "nest the keys under the block prefix they apply to"
+                "nest the keys under the tower name they apply to"
             )
         return next(iter(counts))
     if block not in counts:
-        raise PlanError(f"{name}[{block!r}]: the model has no blocks {block!r}; its blocks are {sorted(counts)}")
+        raise PlanError(f"{name}[{block!r}]: the model has no blocks {block!r}; its towers are {sorted(counts)}")
     return block
 
 
 def _rule_block(selector: Selector, counts: dict, where: str) -> tuple[str | None, tuple[int, ...]]:
     block = FLAT
-    if selector.paths is not None:
+    if selector.towers is not None:
+        if len(selector.towers) != 1:
+            raise PlanError(f"{where}: towers {list(selector.towers)} do not name one tower")
+        block = selector.towers[0]
+    elif selector.paths is not None:
         if len(selector.paths) != 1 or not selector.paths[0].endswith(".*"):
             raise PlanError(f"{where}: paths {list(selector.paths)} do not name one block as \"<prefix>.*\"")
         block = selector.paths[0][:-2]

@@ -5,8 +5,9 @@ A plan is built in Python, from a dict, or from a TOML or JSON file::
     {"lrd": [{"roles": ["attn_out", "mlp_down"], "layers": [0, 1, "2-4"], "rank": 64}]}
 
 Each rule selects sites by ``roles``, ``layers`` (indices, Python ranges or inclusive
-``"a-b"`` strings) and ``paths`` (glob patterns on module paths). All given
-selectors must match. A site matched by several rules takes the last one.
+``"a-b"`` strings), ``paths`` (glob patterns on module paths) and ``towers`` (tower
+names such as ``"vision"`` and ``"text"``, or stack prefixes, as
+:attr:`Analysis.towers` lists them). All given selectors must match. A site matched by several rules takes the last one.
 
 A prune rule removes a ``ratio`` of the units of every coupling group it selects
 (``"mlp_neurons"``, ``"heads"`` or ``"hidden"``); its selectors must match every
@@ -37,10 +38,10 @@ else:  # pragma: no cover - Python 3.10
 LRD_METHODS = ("svd", "svd-llm", "asvd")
 CALIBRATED_METHODS = ("svd-llm", "asvd")
 BUDGET_KINDS = ("params", "flops")
-_SELECTOR_KEYS = ("roles", "layers", "paths")
+_SELECTOR_KEYS = ("roles", "layers", "paths", "towers")
 _LRD_KEYS = set(_SELECTOR_KEYS) | {"rank", "method", "budget"}
 PRUNE_UNITS = ("mlp_neurons", "heads", "hidden")
-PRUNE_CRITERIA = ("magnitude", "random")
+PRUNE_CRITERIA = ("magnitude", "random", "activation")
 GQA_MODES = ("groups", "queries")
 _PRUNE_KEYS = set(_SELECTOR_KEYS) | {"unit", "ratio", "criterion", "seed", "round_to", "gqa"}
 
@@ -52,9 +53,12 @@ class Selector:
     roles: tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
     paths: tuple[str, ...] | None = None
+    towers: tuple[str, ...] | None = None  # tower names or stack prefixes
 
     def matches(self, site: LinearSite) -> bool:
         if self.roles is not None and site.role not in self.roles:
+            return False
+        if self.towers is not None and site.tower not in self.towers and site.block not in self.towers:
             return False
         if self.layers is not None and site.layer not in self.layers:
             return False
@@ -205,7 +209,12 @@ class Plan:
             out["sequential"] = True
         return out
 
-    def resolve_prune(self, analysis: Analysis):
+    def calibrated_sites(self, analysis: Analysis) -> list[LinearSite]:
+        """Return the sites that any rule selects: those whose inputs calibration records."""
+        rules = [*self.lrd, *self.prune]
+        return [s for s in analysis.sites if any(r.selector.matches(s) for r in rules)]
+
+    def resolve_prune(self, analysis: Analysis, stats: dict | None = None):
         """Return the channels to keep in every selected coupling group, validated.
 
         Returns a :class:`~surgeon_fx.passes.prune_select.PruneSelection`.
@@ -216,7 +225,7 @@ class Plan:
         """
         from .passes.prune_select import select_channels
 
-        return select_channels(self.prune, analysis)
+        return select_channels(self.prune, analysis, stats)
 
     def resolve_lrd(
         self, analysis: Analysis, *, require_match: bool = True, stats: dict | None = None
@@ -237,8 +246,8 @@ class Plan:
             if not matched and require_match:
                 raise PlanError(
                     f"lrd rule {index} ({rule.selector.to_dict()}) matches no linear site; "
-                    f"the model has roles {sorted({s.role for s in analysis.sites})} "
-                    f"and layers {analysis.layers}"
+                    f"the model has roles {sorted({s.role for s in analysis.sites})}, "
+                    f"layers {analysis.layers} and towers {sorted(analysis.towers)}"
                 )
             if rule.method in CALIBRATED_METHODS:
                 _check_stats(rule, index, matched, stats)
@@ -349,7 +358,7 @@ def _parse_prune_rule(rule: Any, index: int) -> PruneRule:
 
 
 def parse_selector(rule: dict, where: str) -> Selector:
-    """Read the ``roles``, ``layers`` and ``paths`` selectors of a rule."""
+    """Read the ``roles``, ``layers``, ``paths`` and ``towers`` selectors of a rule."""
     roles = rule.get("roles")
     if roles is not None:
         roles = _as_tuple(roles, where, "roles", str)
@@ -362,7 +371,10 @@ def parse_selector(rule: dict, where: str) -> Selector:
     paths = rule.get("paths")
     if paths is not None:
         paths = _as_tuple(paths, where, "paths", str)
-    return Selector(roles=roles, layers=layers, paths=paths)
+    towers = rule.get("towers")
+    if towers is not None:
+        towers = _as_tuple(towers, where, "towers", str)
+    return Selector(roles=roles, layers=layers, paths=paths, towers=towers)
 
 
 def _as_tuple(value: Any, where: str, key: str, kind: type) -> tuple:

@@ -25,6 +25,7 @@ from .analysis import analyze
 from .api import compress, restore
 from .capture import capture
 from .config import CompressionConfig
+from .errors import SurgeonError
 from .live import (
     apply_plan,
     calibrate_plan,
@@ -96,6 +97,7 @@ class CompressionSchemesManager:
 
     Raises:
         PlanError: the configuration does not fit the model; nothing was changed.
+        SurgeonError: the model is compressed already.
     """
 
     def __init__(self, model: nn.Module, config_or_plan: CompressionConfig | Plan | dict | Any,
@@ -103,6 +105,11 @@ class CompressionSchemesManager:
         self.model = model
         self.config = config_or_plan
         self.graph_mode = isinstance(model, fx.GraphModule)
+        if self.state != "pending":
+            raise SurgeonError(
+                f"the model is {self.state}-compressed already; restore it first (surgeon_fx.restore_model, "
+                "or surgeon_fx.restore for a graph module) or keep using the manager that compressed it"
+            )
         if self.graph_mode:
             self.args, self.kwargs = args, kwargs
             self._gm = capture(model, args, kwargs)

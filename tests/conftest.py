@@ -6,6 +6,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from surgeon_fx.testing.strategies import register_profiles  # noqa: E402
+
+# Registered at import, before Hypothesis's plugin loads a --hypothesis-profile.
+register_profiles()
+
+
+def pytest_configure(config):
+    """Load the Hypothesis profile "ci" unless --hypothesis-profile names another one."""
+    from hypothesis import settings
+
+    if not config.getoption("--hypothesis-profile", default=None):
+        settings.load_profile("ci")
+
 
 @pytest.fixture(scope="module")
 def torch_single_thread():

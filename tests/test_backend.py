@@ -12,7 +12,7 @@ from torch import nn
 import surgeon_fx
 import surgeon_fx.layers
 from models import CASES, VOCAB, output_tensor
-from surgeon_fx import Plan, PlanError, SurgeonError, SurgeonWarning
+from surgeon_fx import PlanError, SurgeonError, SurgeonWarning
 
 # Many small SVDs: one thread avoids oversubscribing a busy 2-core machine.
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -25,6 +25,13 @@ PLAN = {
 }
 # Rules by role only: every block gets the same ranks.
 UNIFORM_PLAN = {"lrd": [{"roles": ["q", "attn_out", "mlp_down"], "rank": 8}]}
+PRUNE_PLANS = {
+    "mlp_neurons": {"prune": [{"unit": "mlp_neurons", "ratio": 0.5}]},
+    "heads": {"prune": [{"unit": "heads", "ratio": 0.5}]},
+    "prune_and_lrd": {"prune": [{"unit": "mlp_neurons", "ratio": 0.25}], "lrd": [{"roles": ["attn_out"], "rank": 8}]},
+}
+# Decomposition and pruning on different sites, in one compilation.
+INDUCTOR_PLAN = {"lrd": [{"roles": ["q", "attn_out"], "rank": 8}], "prune": [{"unit": "mlp_neurons", "ratio": 0.5}]}
 TOLERANCE = 1e-4
 
 
@@ -79,6 +86,15 @@ def _compressed_paths(compiler) -> list[str]:
     return sorted({path for report in compiler.reports for path in report.sites})
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """Return ``error`` and its chain of causes, through Dynamo's wrapper."""
+    causes = []
+    while error is not None:
+        causes.append(error)
+        error = error.__cause__ or getattr(error, "inner_exception", None)
+    return causes
+
+
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_eager_inner_matches_compress(name):
     model, args, _ = CASES[name].make()
@@ -97,13 +113,14 @@ def test_eager_inner_matches_compress(name):
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_inductor_inner_matches_compress(name):
     model, args, _ = CASES[name].make()
-    expected, expected_paths = _reference(model, args)
-    compiler = surgeon_fx.backend(PLAN, inner="inductor")
+    expected, _ = _reference(model, args, INDUCTOR_PLAN)
+    compiler = surgeon_fx.backend(INDUCTOR_PLAN, inner="inductor")
 
     output = _compiled_output(model, args, compiler)
 
     assert (output - expected).abs().max().item() <= TOLERANCE
-    assert _compressed_paths(compiler) == expected_paths
+    assert len(compiler.reports[0].sites) == 4  # q and attn_out of 2 layers
+    assert len(compiler.reports[0].pruned) == (4 if name == "bert" else 6)  # up, gate (Llama), down
 
 
 def test_callable_inner_receives_factor_inputs():
@@ -263,7 +280,7 @@ def test_logs_compressed_sites(caplog):
 
     messages = [r.getMessage() for r in caplog.records if r.name == "surgeon_fx.backend"]
     assert len(messages) == 1
-    assert "compressed 7 of 14 linear sites" in messages[0]
+    assert "compressed 7 and pruned 0 of 14 linear sites" in messages[0]
     assert "layers.1.mlp.up_proj (rank" in messages[0]
     assert " ms" in messages[0]
 
@@ -275,7 +292,7 @@ def test_unmatched_rule_fails_check():
 
     _compiled_output(model, args, compiler)
 
-    assert compiler.unmatched_rules == [1]
+    assert compiler.unmatched_rules == ["lrd 1"]
     with pytest.raises(PlanError, match=r"lrd rule 1 \{'paths': \['decoder\.\*'\]\}"):
         compiler.check()
 
@@ -292,22 +309,67 @@ def test_rank_too_large_fails_compile():
     with pytest.raises(Exception) as caught:
         _compiled_output(model, args, compiler)
 
-    causes = []
-    error = caught.value
-    while error is not None:
-        causes.append(error)
-        error = error.__cause__ or getattr(error, "inner_exception", None)
+    causes = _causes(caught.value)
     plan_errors = [e for e in causes if isinstance(e, PlanError)]
     assert plan_errors, f"no PlanError among {[type(e).__name__ for e in causes]}"
     assert "layers.0.self_attn.k_proj" in str(plan_errors[0])
     assert "40" in str(plan_errors[0])
 
 
-def test_prune_rules_rejected():
-    plan = Plan(prune=[{"unit": "mlp_neurons", "ratio": 0.5}])
+@pytest.mark.parametrize("name", ["llama", "bert"])
+@pytest.mark.parametrize("plan_name", sorted(PRUNE_PLANS))
+def test_prune_matches_hard_compress(name, plan_name):
+    plan = PRUNE_PLANS[plan_name]
+    model, args, _ = CASES[name].make()
+    gm = surgeon_fx.capture(model, args)
+    surgeon_fx.compress(gm, plan, hard=True)
+    with torch.no_grad():
+        expected = output_tensor(gm(*args))
+    pruned_paths = sorted({r["path"] for r in gm.meta["surgeon_fx"].rewrites if r["method"].startswith("prune")})
+    compiler = surgeon_fx.backend(plan, inner="eager")
 
-    with pytest.raises(PlanError, match="supports only 'lrd' rules.*1 'prune' rules"):
+    output = _compiled_output(model, args, compiler)
+
+    assert (output - expected).abs().max().item() <= TOLERANCE
+    assert sorted(compiler.reports[0].pruned) == pruned_paths
+    compiler.check()
+
+
+def test_prune_in_reused_graph_uses_own_channels():
+    # Dynamo runs block 0's graph for block 1 too; block 1 keeps other neurons.
+    plan = PRUNE_PLANS["mlp_neurons"]
+    model, args, _ = CASES["bert"].make()
+    model = _with_graph_breaks(model)
+    gm = surgeon_fx.capture(model, args)
+    surgeon_fx.compress(gm, plan, hard=True)
+    with torch.no_grad():
+        expected = output_tensor(gm(*args))
+    compiler = surgeon_fx.backend(plan, inner="eager")
+
+    output = _compiled_output(model, args, compiler)
+
+    assert len([r for r in compiler.reports if r.pruned]) == 1  # one graph serves both blocks
+    assert (output - expected).abs().max().item() <= TOLERANCE
+
+
+def test_prune_hidden_rejected():
+    plan = {"prune": [{"unit": "hidden", "ratio": 0.25}]}
+
+    with pytest.raises(PlanError, match="prune rule 0 prunes unit 'hidden'"):
         surgeon_fx.backend(plan, inner="eager")
+
+
+def test_prune_and_lrd_same_site_fails():
+    plan = {"prune": [{"unit": "mlp_neurons", "ratio": 0.5}], "lrd": [{"roles": ["mlp_down"], "rank": 8}]}
+    model, args, _ = CASES["llama"].make()
+
+    with pytest.raises(Exception) as caught:
+        _compiled_output(model, args, surgeon_fx.backend(plan, inner="eager"))
+
+    plan_errors = [e for e in _causes(caught.value) if isinstance(e, PlanError)]
+    assert plan_errors
+    assert "layers.0.mlp.down_proj" in str(plan_errors[0])
+    assert "both prune and lrd rules" in str(plan_errors[0])
 
 
 def test_calibrated_method_rejected():

@@ -17,6 +17,7 @@ from surgeon_fx import (
     Plan,
     PlanError,
     RestoreError,
+    SurgeonError,
     SurgeonWarning,
 )
 from surgeon_fx.live import journal_of_model
@@ -93,6 +94,13 @@ def test_soft_twice_keeps_fine_tuned_weights():
         manager.apply_all()
     assert model.model.layers[0].mlp.up_proj is up
     assert torch.equal(up.inner.u, tuned)
+
+
+def test_manager_rejects_compressed_model():
+    model, ids = causal_lm("llama"), token_ids()
+    surgeon_fx.compress_model(model, {"lrd": [{"roles": ["mlp_down"], "rank": 8}]}, (ids,))
+    with pytest.raises(SurgeonError, match="soft-compressed already; restore it first"):
+        CompressionSchemesManager(model, seed_config(), (ids,))
 
 
 def test_schemes_filter():

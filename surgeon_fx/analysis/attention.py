@@ -61,6 +61,7 @@ class AttentionOp:
     rotary: bool = False
     layer: int | None = None
     block: str | None = None
+    tower: str | None = None
     nodes: list[fx.Node] = field(default_factory=list, repr=False)
 
     @property
@@ -178,9 +179,22 @@ def _consumer_site(output: fx.Node, sites_by_node) -> LinearSite | None:
             site = sites_by_node.get(user)
             if site is not None and site.input is node:
                 return site
-            if op_kind(user) in _PASS_THROUGH - {"mul", "add", "sub", "cat"}:
+            if op_kind(user) in _PASS_THROUGH - {"mul", "add", "sub", "cat"} or _joins_rows(user):
                 queue.append(user)
     return None
+
+
+def _joins_rows(node: fx.Node) -> bool:
+    """Whether ``node`` concatenates along a dimension before the last two (heads, head_dim).
+
+    Attention computed chunk by chunk (Qwen2-VL's vision tower, one chunk per image
+    or window) joins the chunks' outputs along the sequence, which keeps channels.
+    """
+    shape = node_shape(node)
+    if op_kind(node) != "cat" or shape is None or len(shape) < 3:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % len(shape) < len(shape) - 2
 
 
 def _has_rotary(path: list[fx.Node]) -> bool:

@@ -12,6 +12,7 @@ from ..errors import AnalysisError, SurgeonWarning
 from .attention import AttentionOp, find_attention
 from .linear_sites import LinearSite, find_linear_sites
 from .mlp import assign_mlp_roles
+from .towers import tower_names, tower_of_path
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ class Analysis:
             if site.block is not None and site.block not in seen:
                 seen.append(site.block)
         return seen
+
+    @property
+    def towers(self) -> dict[str, str]:
+        """Tower name -> stack prefix, such as ``{"vision": "model.visual.blocks"}``."""
+        towers: dict[str, str] = {}
+        for site in self.sites:
+            if site.block is not None and site.tower is not None:
+                towers.setdefault(site.tower, site.block)
+        return towers
 
     @property
     def groups(self) -> list:
@@ -109,9 +119,11 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             "call surgeon_fx.capture(model, args) first"
         )
     sites = find_linear_sites(gm)
+    _assign_towers(sites)
     by_node = {site.node: site for site in sites}
-    attention = find_attention(by_node, gm.graph)
+    attention = _one_per_projection(find_attention(by_node, gm.graph))
     for op in attention:
+        op.tower = op.q.tower
         _assign_attention_roles(op)
     if not attention:
         warnings.warn(
@@ -123,6 +135,25 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         assign_mlp_roles(sites, by_node)
     logger.debug("analysis found %d sites and %d attention ops", len(sites), len(attention))
     return Analysis(gm=gm, sites=sites, attention=attention)
+
+
+def _assign_towers(sites: list[LinearSite]) -> None:
+    stacks = list(dict.fromkeys(site.block for site in sites if site.block is not None))
+    names = tower_names(stacks)
+    for site in sites:
+        site.tower = names[site.block] if site.block is not None else tower_of_path(site.path, names)
+
+
+def _one_per_projection(ops: list[AttentionOp]) -> list[AttentionOp]:
+    """Keep the first attention op of each set of q/k/v projections.
+
+    Attention computed chunk by chunk (one chunk per image or window) calls the
+    attention op once per chunk on slices of the same projections.
+    """
+    kept: dict[tuple, AttentionOp] = {}
+    for op in ops:
+        kept.setdefault((op.q, op.k, op.v), op)
+    return list(kept.values())
 
 
 def _assign_attention_roles(op: AttentionOp) -> None:

@@ -240,17 +240,34 @@ def _section_start(start: object, site_node: fx.Node) -> int | None:
         if node is site_node:
             return last_offset
         name = op_name(node)
-        if name == "slice" and len(node.args) >= 3:
+        if name == "slice" and len(node.args) >= 3 and _along_last_dim(node):
             last_offset = int(node.args[2])
         elif name == "getitem" and isinstance(node.args[0], fx.Node):
             split = node.args[0]
-            sizes = _split_sizes(split)
+            sizes = _split_sizes(split) if _along_last_dim(split) else None
             if sizes is not None:
                 last_offset = sum(sizes[: node.args[1]])
             node = split.args[0]
             continue
         node = node.args[0] if node.args else None
     return None
+
+
+def _along_last_dim(node: fx.Node) -> bool:
+    """Whether a slice or split cuts the last dimension of its input, where the sections lie.
+
+    A split along another dimension (the sequence, cut into attention chunks) says
+    nothing about where q, k and v start.
+    """
+    shape = node_shape(node.args[0])
+    if shape is None:
+        return False
+    name = op_name(node)
+    if name in ("split", "split_with_sizes", "chunk"):
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    else:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return isinstance(dim, int) and dim % len(shape) == len(shape) - 1
 
 
 def _split_sizes(split: fx.Node) -> list[int] | None:
@@ -361,7 +378,14 @@ def _follow_args(walk: _HiddenWalk, node: fx.Node, dim: int) -> list:
         walk.add_param(node, dim)
         return []
     if node.op == "placeholder":
-        walk.problems.append(f"input {node.name} carries the hidden dimension (inputs_embeds?)")
+        part = node.meta.get("surgeon_fx_part")
+        if part is not None:
+            walk.problems.append(
+                f"the hidden dimension enters {part} as a recorded input of a blockwise capture, so the "
+                "residual stream between blocks (embeddings, norms, heads) is not in the graph"
+            )
+        else:
+            walk.problems.append(f"input {node.name} carries the hidden dimension (inputs_embeds?)")
         return []
     links = dim_links(node)
     if links is None:

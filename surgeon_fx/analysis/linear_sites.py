@@ -57,6 +57,7 @@ class LinearSite:
     role: str = "other"
     layer: int | None = None
     block: str | None = None
+    tower: str | None = None  # see surgeon_fx.analysis.towers
     attention: object | None = field(default=None, repr=False)
 
     @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from ..analysis import Analysis, analyze
 from ..live import capture_for_analysis
 from ..report import count_params
+from .common import MODEL_HELP
 from .models import LoadedModel, load_model
 from .output import write_json
 
@@ -25,8 +25,7 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "its layer, role and size, the head geometry of every attention operation, and the "
         "coupling groups that structured pruning keeps together.",
     )
-    parser.add_argument("model", metavar="MODEL", help="a local Hugging Face model folder or a built-in name "
-                        "(see 'surgeon-fx --help')")
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--json", metavar="FILE", type=Path,
                         help="also write the analysis to FILE as JSON (sites, attention operations, groups)")
     parser.add_argument("--slots", action="store_true",

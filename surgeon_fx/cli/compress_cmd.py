@@ -2,7 +2,7 @@
 
 The live model is compressed (as :func:`surgeon_fx.compress_model` does), so that
 pruning and LRD both apply and the result runs as the original model class. DIR
-then holds what :func:`surgeon_fx.save` writes (``model.safetensors`` and
+then contains what :func:`surgeon_fx.save` writes (``model.safetensors`` and
 ``manifest.json``), the model's original ``config.json`` and its tokenizer files.
 """
 
@@ -16,28 +16,26 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import analyze
-from ..calibration import calibrate
 from ..live import apply_plan, capture_for_analysis, journal_of_model, resolve_plan
 from ..persist import MANIFEST, WEIGHTS, save
-from ..plan import CALIBRATED_METHODS, Plan
+from ..plan import Plan
 from ..report import count_params
 from . import progress
+from .common import DEFAULT_BATCH_SIZE, MODEL_HELP, calibrate_plan_sites, check_calibration, positive_int
 from .errors import CommandError
 from .models import load_model
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 16
-
 
 def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
-        "compress", parents=[common], help="compress a model as a plan says and save it",
-        description="Compress MODEL as PLAN says, save it to DIR, and print one row per changed "
+        "compress", parents=[common], help="compress a model as a plan specifies and save it",
+        description="Compress MODEL as PLAN specifies, save it to DIR, and print one row per changed "
         "site with the parameter totals. DIR receives model.safetensors and manifest.json "
         "(load them with surgeon_fx.load), the original config.json and the tokenizer files.",
     )
-    parser.add_argument("model", metavar="MODEL", help="a local Hugging Face model folder or a built-in name")
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--plan", metavar="PLAN", type=Path, required=True,
                         help="plan file: TOML, or JSON when the name ends in .json (format: docs/plans.md)")
     parser.add_argument("--out", metavar="DIR", type=Path, required=True, help="folder to write the compressed model to")
@@ -48,7 +46,7 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", metavar="TEXTFILE", type=Path,
                         help="UTF-8 text file, one sentence per line, for calibrated methods (svd-llm, asvd); "
                         "tokenised with the model folder's tokenizer")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
                         help=f"calibration sentences per batch (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--force", action="store_true", help="overwrite a compressed model already in DIR")
     parser.set_defaults(run=run)
@@ -56,7 +54,7 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     plan = Plan.from_file(args.plan)
-    _check_calibration(plan, args.calib)
+    check_calibration(plan, args.calib)
     _check_out(args.out, args.force)
     loaded = load_model(args.model)
     model = loaded.model
@@ -70,11 +68,15 @@ def run(args: argparse.Namespace) -> int:
     plan = resolve_plan(plan, analysis)
     stats = None
     if batches is not None:
-        selected = [s for s in analysis.sites if any(rule.selector.matches(s) for rule in plan.lrd)]
-        with progress.bar(len(batches), "calibrating", "batch") as bar:
-            stats = calibrate(gm, batches, selected, progress=progress.counter(bar))
+        stats = calibrate_plan_sites(gm, analysis, plan, batches)
     params_before = count_params(model)
-    apply_plan(model, analysis, plan, stats, (), kwargs, hard=args.hard)
+    with progress.bar(None, "compressing", "site") as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        apply_plan(model, analysis, plan, stats, (), kwargs, hard=args.hard, progress=advance)
     logger.info("compressed %s in %.1f s", loaded.name, time.perf_counter() - start)
 
     save(model, args.out)
@@ -119,29 +121,9 @@ def format_totals(before: int, now: int, rows: list[dict[str, Any]], state: str)
     return "\n".join(lines)
 
 
-def _check_calibration(plan: Plan, calib: Path | None) -> None:
-    if calib is not None:
-        if not calib.is_file():
-            raise CommandError(f"calibration file {str(calib)!r} not found; give a text file with one sentence per line")
-        return
-    for index, rule in enumerate(plan.lrd):
-        if rule.method in CALIBRATED_METHODS:
-            raise CommandError(
-                f"lrd rule {index} of the plan uses method {rule.method!r}, which needs calibration data; "
-                "pass --calib TEXTFILE (one sentence per line) or use method 'svd'"
-            )
-
-
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {str(out)!r} is a file; give a folder")
     existing = [name for name in (MANIFEST, WEIGHTS) if (out / name).exists()]
     if existing and not force:
-        raise CommandError(f"{str(out)!r} already holds {existing[0]}; pass --force to overwrite it or choose another --out")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+        raise CommandError(f"{str(out)!r} already contains {existing[0]}; pass --force to overwrite it or choose another --out")

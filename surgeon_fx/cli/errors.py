@@ -6,4 +6,4 @@ from ..errors import SurgeonError
 
 
 class CommandError(SurgeonError):
-    """A command-line argument or input file is invalid; the message says which and what to do."""
+    """A command-line argument or input file is invalid; the message names it and the fix."""

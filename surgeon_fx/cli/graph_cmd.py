@@ -22,8 +22,8 @@ from ..analysis import Analysis, analyze
 from ..live import capture_for_analysis
 from .errors import CommandError
 from .models import load_model
-from .output import pyplot, save_figure
-from .plot_cmd import ROLE_ORDER, _positive_int, _role_color
+from .common import MODEL_HELP, positive_int
+from .output import ROLE_ORDER, pyplot, role_color, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         description="Capture MODEL, analyse it, and draw the FX nodes of block N (the nodes whose "
         "module path lies in that layer) as a PNG, with each linear site coloured by its role.",
     )
-    parser.add_argument("model", metavar="MODEL", help="a local Hugging Face model folder or a built-in name")
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--layer", metavar="N", type=int, required=True,
                         help="index of the block to draw, as in the 'layer' column of 'surgeon-fx analyze'")
     parser.add_argument("--out", metavar="FILE", type=Path, required=True, help="PNG file to write")
-    parser.add_argument("--dpi", type=_positive_int, default=120, metavar="N",
+    parser.add_argument("--dpi", type=positive_int, default=120, metavar="N",
                         help="resolution of the PNG file in dots per inch (default 120)")
     parser.set_defaults(run=run)
 
@@ -143,7 +143,7 @@ def draw(plt, graph: nx.DiGraph, title: str):
 
 def _node_color(plt, data: dict):
     if data["kind"] == "site":
-        return _role_color(plt, data["role"])
+        return role_color(plt, data["role"])
     return {"attention": ATTENTION_COLOR, "input": INPUT_COLOR}.get(data["kind"], OP_COLOR)
 
 
@@ -151,7 +151,7 @@ def _legend(plt, axis, graph: nx.DiGraph) -> None:
     from matplotlib.patches import Patch
 
     roles = {d["role"] for _, d in graph.nodes(data=True) if d["kind"] == "site"}
-    handles = [Patch(color=_role_color(plt, role), label=role) for role in ROLE_ORDER if role in roles]
+    handles = [Patch(color=role_color(plt, role), label=role) for role in ROLE_ORDER if role in roles]
     handles += [Patch(color=ATTENTION_COLOR, label="attention"), Patch(color=OP_COLOR, label="other op"),
                 Patch(facecolor=INPUT_COLOR, edgecolor="0.3", label="from outside the block")]
     axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)

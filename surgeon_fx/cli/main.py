@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import warnings
+from typing import Iterator
+
+import torch
 
 from .. import __version__
 from ..errors import SurgeonError
@@ -26,27 +31,39 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    configure_logging(args.verbose, args.quiet)
     progress.set_enabled(not args.quiet)
-    try:
-        return args.run(args)
-    except (SurgeonError, OSError, ValueError, ImportError) as err:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    with console_logging(args.verbose, args.quiet):
+        try:
+            return args.run(args)
+        except BrokenPipeError:
+            # The reader of stdout (such as `head`) exited. Point stdout at /dev/null so that
+            # Python's flush at exit does not raise again, as the Python docs on SIGPIPE advise.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except (SurgeonError, OSError, ValueError, ImportError) as err:
+            if args.debug:
+                raise
+            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    output = common.add_argument_group("output")
+    output = common.add_argument_group("common options")
     output.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more: -v for steps and timings, -vv for debug messages")
     output.add_argument("-q", "--quiet", action="store_true", help="hide progress bars, warnings and log messages")
     output.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    output.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: torch's choice, one per core); 1 is "
+                        "often fastest on a machine that other processes keep busy")
 
     builtins = "\n".join(f"  {name:<11} {description}" for name, (description, _) in BUILTIN_MODELS.items())
     parser = argparse.ArgumentParser(
@@ -66,29 +83,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbose: int, quiet: bool) -> None:
-    """Send log records and library warnings to stderr at the level the flags ask for.
+@contextlib.contextmanager
+def console_logging(verbose: int, quiet: bool) -> Iterator[None]:
+    """Print surgeon_fx's log records and warnings on stderr at the level the flags set.
 
-    The default shows warnings (such as ``SurgeonWarning``); ``--quiet`` shows errors only.
+    The default shows warnings (such as ``SurgeonWarning``), ``-v`` adds info and
+    ``-vv`` debug messages, and ``--quiet`` shows errors only. Everything is put back
+    on exit, so that calling :func:`main` in a program or test leaves its logging as it was.
     """
     if quiet:
         level = logging.ERROR
-    elif verbose >= 2:
-        level = logging.DEBUG
-    elif verbose == 1:
-        level = logging.INFO
     else:
-        level = logging.WARNING
-    logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
-    # Third-party libraries stay at WARNING unless -vv asks for everything.
-    for name in ("torch", "transformers", "matplotlib", "PIL"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.WARNING))
-    logging.captureWarnings(True)
-    warnings.simplefilter("ignore" if quiet else "default")
-    if not quiet:
+        level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    handler.setLevel(level)
+    loggers = [logging.getLogger("surgeon_fx"), logging.getLogger("py.warnings")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if quiet else "default")
         # Deprecation notices from torch and transformers are not the user's to act on.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        logging.captureWarnings(True)
+        try:
+            yield
+        finally:
+            logging.captureWarnings(False)
+            for lg, previous in zip(loggers, levels):
+                lg.removeHandler(handler)
+                lg.setLevel(previous)
 
 
 def _add_demo_parser(subparsers, common: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ The built-in names need no download: ``minilm`` is all-MiniLM-L6-v2 from the
 configurations of the supported families.
 
 Example inputs come from the folder's tokenizer on sentences of CPython's help
-text; without a tokenizer they are random token ids (or random pixels for vision
-models) with a fixed seed.
+text. Without a tokenizer they are random token ids, or random pixels for vision
+models, with a fixed seed.
 """
 
 from __future__ import annotations

@@ -26,3 +26,11 @@ def save_figure(figure: Any, path: Path, dpi: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi, bbox_inches="tight")
     pyplot().close(figure)
+
+
+ROLE_ORDER = ("q", "k", "v", "qkv", "attn_out", "mlp_up", "mlp_gate", "mlp_gate_up", "mlp_down", "other")
+
+
+def role_color(plt, role: str):
+    """Return the colour of a role, the same in every figure (matplotlib's tab10 palette)."""
+    return plt.get_cmap("tab10")(ROLE_ORDER.index(role) if role in ROLE_ORDER else 9)

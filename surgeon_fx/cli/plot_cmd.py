@@ -23,7 +23,6 @@ import torch
 
 from ..analysis import MLP_ROLES, Analysis, analyze
 from ..api import compress, restore
-from ..calibration import calibrate
 from ..errors import PlanError
 from ..live import capture_for_analysis
 from ..lrd_methods import spectrum
@@ -31,9 +30,9 @@ from ..passes.manager import journal_of
 from ..plan import Plan
 from ..report import count_params
 from . import progress
-from .compress_cmd import DEFAULT_BATCH_SIZE, _check_calibration, _positive_int
+from .common import DEFAULT_BATCH_SIZE, MODEL_HELP, calibrate_plan_sites, check_calibration, fraction, positive_int
 from .models import load_model
-from .output import pyplot, save_figure, write_json
+from .output import pyplot, role_color, save_figure, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +49,22 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "over every attention and MLP linear), and the output cosine similarity against the "
         "original model on the example inputs as the fraction of parameters kept varies.",
     )
-    parser.add_argument("model", metavar="MODEL", help="a local Hugging Face model folder or a built-in name")
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--out", metavar="DIR", type=Path, required=True, help="folder to write the plots to")
     parser.add_argument("--plan", metavar="PLAN", type=Path,
                         help="plan file (TOML or .json) whose LRD rules choose the ranks and the sites "
                         "of the fidelity curves; its own result is marked on the fidelity plot")
-    parser.add_argument("--budget", metavar="F", type=_fraction, default=DEFAULT_BUDGET,
+    parser.add_argument("--budget", metavar="F", type=fraction, default=DEFAULT_BUDGET,
                         help=f"without --plan: fraction of the selected weights to keep, in (0, 1] "
                         f"(default {DEFAULT_BUDGET})")
-    parser.add_argument("--points", metavar="N", type=_positive_int, default=DEFAULT_POINTS,
+    parser.add_argument("--points", metavar="N", type=positive_int, default=DEFAULT_POINTS,
                         help=f"fractions of weights kept on each fidelity curve, evenly spaced from 0.1 "
                         f"to 1 (default {DEFAULT_POINTS})")
     parser.add_argument("--calib", metavar="TEXTFILE", type=Path,
                         help="UTF-8 text file, one sentence per line, for plans with calibrated methods")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
                         help=f"calibration sentences per batch (default {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--dpi", type=_positive_int, default=120, metavar="N",
+    parser.add_argument("--dpi", type=positive_int, default=120, metavar="N",
                         help="resolution of the PNG files in dots per inch (default 120)")
     parser.set_defaults(run=run)
 
@@ -73,7 +72,7 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     plan = Plan.from_file(args.plan) if args.plan is not None else None
     if plan is not None:
-        _check_calibration(plan, args.calib)
+        check_calibration(plan, args.calib)
         if not plan.lrd:
             raise PlanError(f"plan {str(args.plan)!r} has no lrd rules; plot shows low-rank decomposition only")
     loaded = load_model(args.model)
@@ -85,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
         plan = default_plan(analysis, args.budget)
     stats = None
     if batches is not None:
-        selected = [s for s in analysis.sites if any(rule.selector.matches(s) for rule in plan.lrd)]
-        with progress.bar(len(batches), "calibrating", "batch") as bar:
-            stats = calibrate(gm, batches, selected, progress=progress.counter(bar))
+        stats = calibrate_plan_sites(gm, analysis, plan, batches)
     ranks = {action.site.path: action.rank for action in plan.resolve_lrd(analysis, stats=stats)}
 
     spectra = site_spectra(analysis)
@@ -255,7 +252,7 @@ def plot_ranks(plt, analysis: Analysis, ranks: dict):
     largest = [min(s.in_features, s.out_features) for s in sites]
     break_even = [s.in_features * s.out_features // (s.in_features + s.out_features) for s in sites]
     chosen = [ranks[s.path] if ranks[s.path] is not None else lim for s, lim in zip(sites, largest)]
-    colors = [_role_color(plt, s.role) for s in sites]
+    colors = [role_color(plt, s.role) for s in sites]
     axis.bar(positions, largest, color="0.88", label="largest rank min(m, n)")
     bars = axis.bar(positions, chosen, color=colors, label="chosen rank")
     for bar, site in zip(bars, sites):
@@ -288,17 +285,3 @@ def plot_fidelity(plt, fidelity: dict, name: str):
     axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
-
-
-ROLE_ORDER = ("q", "k", "v", "qkv", "attn_out", "mlp_up", "mlp_gate", "mlp_gate_up", "mlp_down", "other")
-
-
-def _role_color(plt, role: str):
-    return plt.get_cmap("tab10")(ROLE_ORDER.index(role) % 10 if role in ROLE_ORDER else 9)
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {value}")
-    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 from tqdm.auto import tqdm
@@ -10,9 +11,18 @@ _enabled = True
 
 
 def set_enabled(enabled: bool) -> None:
-    """Turn progress bars on (the default: on a terminal only) or off (``--quiet``)."""
+    """Turn progress bars on (the default: on a terminal only) or off (``--quiet``).
+
+    Transformers' own bars (such as "Loading weights") follow the same rule.
+    """
     global _enabled
     _enabled = enabled
+    from transformers.utils import logging as transformers_logging
+
+    if enabled and sys.stderr.isatty():
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
 
 
 def bar(total: int | None, description: str, unit: str) -> tqdm:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..analysis import LinearSite
 from ..layers import lrd_num_params
 from ..plan import LRDAction
 from .manager import PassResult, Rewriter
@@ -98,3 +99,30 @@ def _fake_linear(fake_mode, x: fx.Node, v: fx.Node) -> torch.Tensor | None:
         return None
     with fake_mode:
         return _LINEAR(x_value, v_value)
+
+
+def mask_linear_inputs(sites: list[LinearSite], tensors: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """Return a pass that makes each site read a masked weight and bias from new inputs.
+
+    Soft pruning in a Dynamo graph: the weight (and bias) arguments of each site's
+    linear node become placeholders ``surgeon_fx_w_i`` (and ``surgeon_fx_b_i``),
+    appended to the graph's inputs after any factors. ``tensors[i]`` is the masked
+    ``(weight, bias)`` of ``sites[i]``, in the stored layout, and gives the
+    placeholders' example values. The graph keeps its shapes.
+    """
+
+    def run(gm: fx.GraphModule, rewriter: Rewriter) -> PassResult:
+        graph = gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        fake_mode = _fake_mode(placeholders)
+        last = placeholders[-1]
+        for index, (site, (weight, bias)) in enumerate(zip(sites, tensors)):
+            last = _append_placeholder(graph, last, f"surgeon_fx_w_{index}", weight, fake_mode)
+            site.node.replace_input_with(site.weight_node, last)
+            if bias is not None:
+                last = _append_placeholder(graph, last, f"surgeon_fx_b_{index}", bias, fake_mode)
+                site.node.replace_input_with(site.bias_node, last)
+            rewriter.record(path=site.path, role=site.role, layer=site.layer, method="prune:soft")
+        return PassResult(gm, modified=bool(sites))
+
+    return run

@@ -1,7 +1,7 @@
 """``prune_channels``: remove the rows and columns a :class:`PruneSelection` drops.
 
 Both modes store every pruned tensor in its compact shape, by swapping the
-container module that holds it for a copy with the sliced tensors (the original
+container module that contains it for a copy with the sliced tensors (the original
 container goes into the journal, so :func:`surgeon_fx.restore` gives it back).
 Linear nodes keep reading their weights through ``get_attr``, so low-rank
 decomposition can run on the pruned sites afterwards.
@@ -186,7 +186,7 @@ def _walk_down(starts: list[fx.Node]) -> list[fx.Node]:
 
 
 class _SoftNodes:
-    """Creates and reuses the gather and scatter modules under ``surgeon_fx_prune``."""
+    """Factory of gather and scatter nodes, sharing one module per index list under ``surgeon_fx_prune``."""
 
     def __init__(self, gm: fx.GraphModule, rewriter: Rewriter) -> None:
         self.gm = gm

@@ -30,7 +30,7 @@ def prune_passes(plan: Plan, analysis: Analysis, lrd_actions: list[LRDAction], *
     """
     if getattr(plan, "sequential", False):
         raise PlanError("a sequential plan cannot prune; run the prune rules in a separate compress() call")
-    selection = plan.resolve_prune(analysis)
+    selection = plan.resolve_prune(analysis, stats)
     lrd_actions = _resolve_after_prune(plan, analysis, selection, lrd_actions, stats)
     passes = [("prune_channels", prune_channels(selection, hard=hard))]
     if any(a.rank is not None for a in lrd_actions):

@@ -79,8 +79,10 @@ class PruneSelection:
         return None
 
 
-def select_channels(rules: list, analysis: Analysis) -> PruneSelection:
+def select_channels(rules: list, analysis: Analysis, stats: dict | None = None) -> PruneSelection:
     """Resolve ``rules`` (a list of :class:`~surgeon_fx.plan.PruneRule`) against ``analysis``.
+
+    ``stats`` (calibration statistics by site path) feed the ``"activation"`` criterion.
 
     Raises:
         PlanError: a rule matches no group, covers only part of a group, or requests
@@ -102,7 +104,7 @@ def select_channels(rules: list, analysis: Analysis) -> PruneSelection:
         if group not in chosen:
             continue
         index, rule = chosen[group]
-        kept = _kept_units(group, rule, index, analysis.gm)
+        kept = _kept_units(group, rule, index, analysis.gm, stats)
         if len(kept) < group.size:
             selection.actions.append(PruneAction(group, kept, index))
     _index_axes(selection, analysis.gm)
@@ -127,8 +129,8 @@ def _selects(rule, index: int, group: CouplingGroup) -> bool:
     return True
 
 
-def _kept_units(group: CouplingGroup, rule, index: int, gm: fx.GraphModule) -> list[int]:
-    scores = _unit_scores(group, rule, gm)
+def _kept_units(group: CouplingGroup, rule, index: int, gm: fx.GraphModule, stats) -> list[int]:
+    scores = _unit_scores(group, rule, gm, _input_norms(group, rule, index, stats))
     per_kv = group.queries_per_kv
     if group.unit == "heads" and per_kv > 1:
         return _kept_gqa_heads(group, rule, index, scores)
@@ -180,14 +182,34 @@ def _unit_word(group: CouplingGroup) -> str:
     return {"heads": "heads", "mlp_neurons": "neurons", "hidden": "channels"}[group.unit]
 
 
-def _unit_scores(group: CouplingGroup, rule, gm: fx.GraphModule) -> list[float]:
-    """Score each unit: L2 norm of its coupled weights, or a seeded random number."""
+def _input_norms(group: CouplingGroup, rule, index: int, stats) -> dict[str, torch.Tensor] | None:
+    """Return the input channel norms of the group's sites for the activation criterion."""
+    if rule.criterion != "activation":
+        return None
+    missing = [s.path for s in group.sites if not stats or s.path not in stats]
+    if missing:
+        raise PlanError(
+            f"prune rule {index} uses criterion 'activation', which needs calibration statistics "
+            f"of {missing[:3]}; pass calibration=batches of model inputs to compress(), or use "
+            "criterion 'magnitude'"
+        )
+    return {s.path: (stats[s.path].channel_norms, stats[s.path].tokens) for s in group.sites}
+
+
+def _unit_scores(group: CouplingGroup, rule, gm: fx.GraphModule, norms=None) -> list[float]:
+    """Score each unit: L2 norm of its coupled weights, or a seeded random number.
+
+    With input ``norms`` (the ``"activation"`` criterion, the Wanda measure), each
+    weight ``W_ij`` of a linear site counts as ``|W_ij| * ||X_j||``, where ``||X_j||``
+    is the norm of input channel ``j`` over the calibration tokens. A bias counts as
+    a weight on a constant input of 1 per token.
+    """
     if rule.criterion == "random":
         generator = torch.Generator().manual_seed(rule.seed)
         return torch.rand(group.size, generator=generator, dtype=torch.float64).tolist()
     squares = torch.zeros(group.size, dtype=torch.float64)
     for slot in group.slots:
-        per_index = _squares_along(slot, gm, group)
+        per_index = _squares_along(slot, gm, group, norms)
         units = group.unit_count(slot)
         per_unit = per_index[slot.offset: slot.offset + units * slot.width].reshape(units, slot.width).sum(1)
         if slot.per == "kv":
@@ -197,7 +219,7 @@ def _unit_scores(group: CouplingGroup, rule, gm: fx.GraphModule) -> list[float]:
     return squares.sqrt().tolist()
 
 
-def _squares_along(slot: Slot, gm: fx.GraphModule, group: CouplingGroup) -> torch.Tensor:
+def _squares_along(slot: Slot, gm: fx.GraphModule, group: CouplingGroup, norms=None) -> torch.Tensor:
     """Return the sum of squares of a slot's tensor for each index of its axis."""
     if slot.kind == "param":
         tensor = fetch_attr(gm, slot.target).detach().to(torch.float64)
@@ -205,12 +227,17 @@ def _squares_along(slot: Slot, gm: fx.GraphModule, group: CouplingGroup) -> torc
         return tensor.pow(2).sum(dim=dims) if dims else tensor.pow(2)
     site = next(s for s in group.sites if s.path == slot.target)
     weight = site.weight(gm).detach().to(torch.float64)  # (out_features, in_features)
+    bias_scale = 1.0
+    if norms is not None:
+        channel_norms, tokens = norms[site.path]
+        weight = weight * channel_norms.to(weight.device)  # |W_ij| * ||X_j||
+        bias_scale = float(tokens)
     if slot.axis == "in":
         return weight.pow(2).sum(0)
     squares = weight.pow(2).sum(1)
     bias = site.bias(gm)
     if bias is not None:
-        squares = squares + bias.detach().to(torch.float64).pow(2)
+        squares = squares + bias.detach().to(torch.float64).pow(2) * bias_scale
     return squares
 
 

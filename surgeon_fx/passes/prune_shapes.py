@@ -15,9 +15,9 @@ from the old and new shapes of its input:
    their old sizes. When a group's input grew or shrank by a factor ``f``, the
    group's ``-1`` absorbs it, or else its first dim is multiplied by ``f``, the
    head count in ``[heads, head_dim]`` order.
-2. ``expand``: a dim that copies its input takes the input's new size; a dim that
-   broadcasts a size-1 input keeps its count, except the query-heads-per-kv-head
-   dim of grouped-query attention when the rule removes query heads per group.
+2. ``expand``: a dim that copies its input takes the input's new size. A dim that
+   broadcasts a size-1 input keeps its count. The exception is the dim that repeats
+   each kv head for its query heads, when the rule removes query heads per group.
 3. ``slice``/``split``/``chunk`` on a pruned dim: the bounds count the kept
    channels below each old bound, read from the kept indices of the projection
    whose output is being cut.

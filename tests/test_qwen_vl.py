@@ -1,0 +1,352 @@
+"""Qwen2.5-VL and Qwen2-VL: blockwise capture, the analysis of both towers, per-tower compression.
+
+Neither model exports whole with transformers 5 (the vision tower computes its
+attention chunks from the image grid's values), so every capture here is
+blockwise. Each case is a tiny model built from a config: a vision tower of 2
+blocks (hidden 32, 4 heads of 8, fused qkv) and a language model of 2 layers
+(hidden 64, 4 query heads sharing 2 key/value heads of 16, multimodal rotary
+sections [2, 3, 3]). The image is 4 x 4 patches, merged 2 x 2 into 4 image tokens.
+The video has 2 temporal patches of 4 x 4, which gives the vision attention one
+chunk per frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from causal_lms import assert_state_equal, causal_lm, state_snapshot, token_ids
+from torch import nn
+
+import surgeon_fx
+from surgeon_fx import CaptureError, CompressionConfig, CompressionSchemesManager, PlanError, SurgeonWarning
+from surgeon_fx.analysis.towers import tower_names
+from surgeon_fx.blockwise import BLOCKWISE_META, find_stacks, is_blockwise
+from surgeon_fx.live import journal_of_model
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+IMAGE, VIDEO, VISION_START, VISION_END = 90, 91, 92, 93
+KINDS = ["qwen2_5_vl", "qwen2_vl"]
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "qwen2_5_vl_quickstart.py"
+TEXT = dict(
+    vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+)
+VISION = {
+    "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                       window_size=16, fullatt_block_indexes=[1]),
+    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4),
+}
+CLASSES = {
+    "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
+    "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
+}
+# One value per block; the vision tower prunes half of the heads of block 0.
+PER_TOWER = CompressionConfig(
+    pruning_ratio_lists={
+        "vision": {"sa_qkv": [0.5, 0.0], "mlp_up": [0.25, 0.5]},
+        "text": {"sa_qkv": [0.5, 0.0], "mlp_up": [0.25, 0.25]},
+    },
+    lrd_rank_lists={
+        "vision": {"sa_out": [4, "full"], "mlp_down": [8, 8]},
+        "text": {"sa_out": [8, 8], "mlp_down": ["full", 16]},
+    },
+)
+
+
+def build(kind: str, seed: int = 0) -> nn.Module:
+    config_class, model_class = CLASSES[kind]
+    vision = dict(VISION[kind], patch_size=4, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+    config = config_class(
+        vision_config=vision, text_config=dict(TEXT), image_token_id=IMAGE, video_token_id=VIDEO,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def visual_inputs(model: nn.Module, kind: str = "image", grid: tuple[int, int, int] = (1, 4, 4)) -> dict:
+    """Return model inputs with one image (or video) of ``grid`` = (t, h, w) patches between text tokens.
+
+    ``pixel_values`` has one row per patch: channels * temporal_patch * patch * patch
+    values. The text holds one image token per merged patch (spatial_merge_size**2
+    patches each), between the vision start and end tokens.
+    """
+    vision = model.config.vision_config
+    t, h, w = grid
+    patch_values = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    pixels = torch.randn(t * h * w, patch_values, generator=torch.Generator().manual_seed(2))
+    token = IMAGE if kind == "image" else VIDEO
+    ids = torch.tensor([[5, 6, VISION_START] + [token] * (t * h * w // vision.spatial_merge_size ** 2)
+                        + [VISION_END, 7, 8, 9]])
+    # 0 for text, 1 for image and 2 for video tokens: the multimodal rotary positions need it.
+    token_types = (ids == IMAGE).long() + 2 * (ids == VIDEO).long()
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": token_types}
+    if kind == "image":
+        return {**inputs, "pixel_values": pixels, "image_grid_thw": torch.tensor([grid])}
+    return {**inputs, "pixel_values_videos": pixels, "video_grid_thw": torch.tensor([grid])}
+
+
+def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def analyses():
+    """Capture and analyse each model once per input kind: ``(kind, "image" | "video") -> Analysis``."""
+    cache = {}
+
+    def get(kind: str, media: str = "image"):
+        if (kind, media) not in cache:
+            model = build(kind)
+            grid = (1, 4, 4) if media == "image" else (2, 4, 4)
+            gm = surgeon_fx.capture(model, (), visual_inputs(model, media, grid))
+            cache[kind, media] = surgeon_fx.analyze(gm)
+        return cache[kind, media]
+
+    return get
+
+
+# --- Capture -------------------------------------------------------------------------
+
+
+def test_find_stacks_names_both_towers():
+    assert find_stacks(build("qwen2_5_vl")) == ["model.visual.blocks", "model.language_model.layers"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_capture_falls_back_to_blockwise(kind, caplog):
+    model = build(kind)
+    with caplog.at_level(logging.INFO, logger="surgeon_fx"):
+        gm = surgeon_fx.capture(model, (), visual_inputs(model))
+    assert is_blockwise(gm)
+    capture = gm.meta[BLOCKWISE_META]
+    assert capture.stacks == ["model.visual.blocks", "model.language_model.layers"]
+    assert [p.path for p in capture.parts if p.stack is None] == ["model.visual.merger", "lm_head"]
+    assert capture.skipped == {}
+    assert "whole-model torch.export failed" in capture.reason
+    assert "captured" in caplog.text and "blockwise" in caplog.text
+    assert "because whole-model torch.export failed" in caplog.text
+
+
+def test_capture_whole_strategy_raises():
+    model = build("qwen2_5_vl")
+    with pytest.raises(CaptureError, match="torch.export.export failed") as info:
+        surgeon_fx.capture(model, (), visual_inputs(model), strategy="whole")
+    assert "blockwise capture failed" not in str(info.value)
+
+
+def test_capture_unknown_strategy():
+    with pytest.raises(CaptureError, match="unknown capture strategy 'parts'"):
+        surgeon_fx.capture(causal_lm("llama"), (token_ids(),), strategy="parts")
+
+
+def test_blockwise_strategy_matches_whole_on_llama(caplog):
+    model, ids = causal_lm("llama"), token_ids()
+    whole = surgeon_fx.analyze(surgeon_fx.capture(model, (ids,), strategy="whole"))
+    with caplog.at_level(logging.INFO, logger="surgeon_fx"):
+        blockwise = surgeon_fx.analyze(surgeon_fx.capture(model, (ids,), strategy="blockwise"))
+    assert "strategy='blockwise' was requested" in caplog.text
+    assert [(s.path, s.role, s.layer) for s in blockwise.sites] == [(s.path, s.role, s.layer) for s in whole.sites]
+    assert [(op.num_heads, op.num_kv_heads, op.head_dim) for op in blockwise.attention] == [(4, 2, 16)] * 2
+
+
+def test_compress_rejects_joined_graph():
+    model, ids = causal_lm("llama"), token_ids()
+    gm = surgeon_fx.capture(model, (ids,), strategy="blockwise")
+    with pytest.raises(PlanError, match="does not compute the model"):
+        surgeon_fx.compress(gm, {"lrd": [{"roles": ["mlp_down"], "rank": 4}]})
+
+
+# --- Analysis ------------------------------------------------------------------------
+
+
+def test_tower_names_from_stack_prefixes():
+    assert tower_names(["model.visual.blocks", "model.language_model.layers"]) == {
+        "model.visual.blocks": "vision", "model.language_model.layers": "text",
+    }
+    assert tower_names(["vision_model.encoder.layers", "decoder.layers"]) == {
+        "vision_model.encoder.layers": "vision", "decoder.layers": "text",
+    }
+    assert tower_names(["model.layers"]) == {"model.layers": "model.layers"}
+    assert tower_names(["encoder", "decoder"]) == {"encoder": "encoder", "decoder": "decoder"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_analysis_of_both_towers(kind, media, analyses):
+    analysis = analyses(kind, media)
+    assert analysis.towers == {"vision": "model.visual.blocks", "text": "model.language_model.layers"}
+    mlp = ({"gate_proj": "mlp_gate", "up_proj": "mlp_up", "down_proj": "mlp_down"} if kind == "qwen2_5_vl"
+           else {"fc1": "mlp_up", "fc2": "mlp_down"})
+    expected = {}
+    for layer in range(2):
+        vision = f"model.visual.blocks.{layer}"
+        expected[f"{vision}.attn.qkv"] = ("qkv", "vision", layer)
+        expected[f"{vision}.attn.proj"] = ("attn_out", "vision", layer)
+        expected.update({f"{vision}.mlp.{name}": (role, "vision", layer) for name, role in mlp.items()})
+        text = f"model.language_model.layers.{layer}"
+        for name, role in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "attn_out")):
+            expected[f"{text}.self_attn.{name}"] = (role, "text", layer)
+        for name, role in (("gate_proj", "mlp_gate"), ("up_proj", "mlp_up"), ("down_proj", "mlp_down")):
+            expected[f"{text}.mlp.{name}"] = (role, "text", layer)
+    expected["model.visual.merger.mlp.0"] = ("other", "vision", None)
+    expected["model.visual.merger.mlp.2"] = ("other", "vision", None)
+    expected["lm_head"] = ("other", None, None)
+    assert {s.path: (s.role, s.tower, s.layer) for s in analysis.sites} == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attention_geometry_per_tower(kind, analyses):
+    analysis = analyses(kind, "video")
+    geometry = [(op.tower, op.layer, op.num_heads, op.num_kv_heads, op.head_dim, op.fused_qkv, op.rotary)
+                for op in analysis.attention]
+    # One op per block, although the video's vision attention runs once per frame.
+    assert geometry == [
+        ("vision", 0, 4, 4, 8, True, True), ("vision", 1, 4, 4, 8, True, True),
+        ("text", 0, 4, 2, 16, False, True), ("text", 1, 4, 2, 16, False, True),
+    ]
+    heads = [g for g in analysis.groups if g.unit == "heads"]
+    assert all(g.unsupported is None for g in heads)
+    fused = next(g for g in heads if g.sites[0].path == "model.visual.blocks.0.attn.qkv")
+    # q, k and v sections of the fused (96, 32) weight start at rows 0, 32 and 64.
+    assert [(s.offset, s.width, s.per) for s in fused.slots[:3]] == [(0, 8, "unit"), (32, 8, "kv"), (64, 8, "kv")]
+
+
+# --- Compression of the live model ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_soft_per_tower_then_restore_bit_exact(kind):
+    model = build(kind)
+    inputs = visual_inputs(model)
+    before, dense = state_snapshot(model), logits(model, inputs)
+    manager = CompressionSchemesManager(model, PER_TOWER, (), inputs)
+    manager.apply_all(hard=False)
+    paths = {s.path for s in manager.schemes}
+    assert "model.visual.blocks.0.attn.qkv" in paths
+    assert "model.visual.blocks.1.attn.qkv" not in paths  # ratio 0 and rank "full" in block 1
+    assert "model.language_model.layers.1.mlp.down_proj" in paths
+    assert {s.state for s in manager.schemes} == {"soft"}
+    assert "state soft" in str(manager)
+    soft = logits(model, inputs)
+    assert torch.isfinite(soft).all()
+    assert not torch.equal(soft, dense)
+
+    manager.restore_all()
+    assert_state_equal(model, before)
+    assert journal_of_model(model) is None
+    assert torch.equal(logits(model, inputs), dense)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hard_matches_soft_and_generates(kind):
+    model = build(kind)
+    inputs = visual_inputs(model)
+    dense_params = count_params(model)
+    manager = CompressionSchemesManager(model, PER_TOWER, (), inputs)
+    manager.apply_all(hard=False)
+    soft = logits(model, inputs)
+    with warnings.catch_warnings():
+        # Head and neuron counts differ per layer and per tower, which model.config cannot hold.
+        warnings.simplefilter("ignore", SurgeonWarning)
+        manager.apply_all(hard=True)
+    hard = logits(model, inputs)
+    assert torch.isfinite(hard).all()
+    torch.testing.assert_close(hard, soft, atol=1e-5, rtol=1e-5)
+    assert count_params(model) < dense_params
+
+    attention = model.model.visual.blocks[0].attn
+    assert attention.num_heads == 2
+    assert attention.qkv.out_features == 48  # 3 sections of 2 heads of 8
+    text = model.model.language_model.layers[0].self_attn
+    assert (text.q_proj.out_features, text.k_proj.out_features, text.num_key_value_groups) == (32, 16, 2)
+
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert output.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+
+def test_hard_with_video_matches_soft():
+    model = build("qwen2_5_vl")
+    inputs = visual_inputs(model, "video", (2, 4, 4))
+    plan = {"prune": [{"towers": ["vision"], "unit": "heads", "ratio": 0.25}],
+            "lrd": [{"towers": ["vision"], "roles": ["mlp_down"], "rank": 8}]}
+    surgeon_fx.compress_model(model, plan, (), inputs)
+    soft = logits(model, inputs)
+    surgeon_fx.compress_model(model, plan, (), inputs, hard=True)
+    torch.testing.assert_close(logits(model, inputs), soft, atol=1e-5, rtol=1e-5)
+    assert [block.attn.num_heads for block in model.model.visual.blocks] == [3, 3]
+    assert model.model.language_model.layers[0].self_attn.q_proj.out_features == 64
+
+
+def test_towers_selector_selects_one_tower():
+    model = build("qwen2_5_vl")
+    inputs = visual_inputs(model)
+    surgeon_fx.compress_model(model, {"lrd": [{"towers": ["text"], "roles": ["mlp_down"], "rank": 4}]}, (), inputs)
+    swapped = [swap.path for swap in journal_of_model(model).swaps]
+    assert swapped == ["model.language_model.layers.0.mlp.down_proj", "model.language_model.layers.1.mlp.down_proj"]
+
+
+def test_config_lists_must_match_tower_depth():
+    model = build("qwen2_5_vl")
+    config = CompressionConfig(lrd_rank_lists={"vision": {"sa_out": [4, 4, 4]}})
+    with pytest.raises(PlanError, match=r"\['vision'\]\['sa_out'\] has 3 entries but 'vision' has 2 blocks"):
+        CompressionSchemesManager(model, config, (), visual_inputs(model))
+
+
+def test_skip_connection_pruning_rejected_unchanged():
+    model = build("qwen2_5_vl")
+    before = state_snapshot(model)
+    config = CompressionConfig(lrd_rank_lists={"text": {"sa_out": [8, 8]}}, pruning_ratio_skip_connections=0.1)
+    with pytest.raises(PlanError, match="recorded input of a blockwise capture"):
+        CompressionSchemesManager(model, config, (), visual_inputs(model))
+    assert_state_equal(model, before)
+    assert journal_of_model(model) is None
+
+
+def test_calibration_rejected_for_blockwise():
+    model = build("qwen2_5_vl")
+    inputs = visual_inputs(model)
+    plan = {"lrd": [{"roles": ["mlp_down"], "rank": 4, "method": "svd-llm"}]}
+    with pytest.raises(PlanError, match="captured block by block"):
+        surgeon_fx.compress_model(model, plan, (), inputs, calibration=[inputs])
+    assert journal_of_model(model) is None
+
+
+def test_save_load_round_trip(tmp_path):
+    model = build("qwen2_5_vl")
+    inputs = visual_inputs(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeonWarning)
+        surgeon_fx.compress_model(model, PER_TOWER, (), inputs, hard=True)
+    surgeon_fx.save(model, tmp_path / "checkpoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeonWarning)
+        reloaded = surgeon_fx.load(tmp_path / "checkpoint", build("qwen2_5_vl", seed=1))
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+    assert reloaded.model.visual.blocks[0].attn.num_heads == 2
+    assert count_params(reloaded) == count_params(model)
+
+
+def test_quickstart_example():
+    result = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "state soft" in result.stdout
+    assert "model.visual.blocks.1.attn.qkv" in result.stdout
+    assert "model.language_model.layers.1.mlp.down_proj" in result.stdout
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line and not line[0].isspace())
+    assert lines["restored equals dense"] == "True"
