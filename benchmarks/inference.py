@@ -29,6 +29,7 @@ import time
 import warnings
 
 import torch
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import surgeon_fx
@@ -66,8 +67,7 @@ logger = logging.getLogger("inference")
 def build_models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     config = llama_config(1024, 2816, 8, 16, 4, VOCAB)
-    dense = torch.nn.Module()
-    dense = __import__("transformers").LlamaModel(config).eval()
+    dense = transformers.LlamaModel(config).eval()
     example = torch.randint(0, VOCAB, (1, SEQUENCE), generator=torch.Generator().manual_seed(1))
     models = {"dense": dense}
     for name, (plan, hard) in VARIANTS.items():

@@ -294,3 +294,58 @@ def test_budget_rejects_non_finite_weight(llama):
     finally:
         with torch.no_grad():
             weight[2, 3] = original
+
+
+# ---------------------------------------------------------------- activation pruning
+
+
+def test_activation_pruning_keeps_wanda_top_neurons(llama):
+    _, gm, batch = llama
+    analysis = surgeon_fx.analyze(gm)
+    names = ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj"]
+    gate, up, down = (analysis.site(name) for name in names)
+    stats = calibrate(gm, [batch], [gate, up, down])
+
+    # Wanda: |W_ij| * ||X_j||, summed in squares over every weight of neuron u.
+    def scaled(site):
+        return site.weight(gm).detach().double() * stats[site.path].channel_norms
+
+    score = scaled(gate).pow(2).sum(1) + scaled(up).pow(2).sum(1) + scaled(down).pow(2).sum(0)
+    expected = sorted(score.argsort(descending=True)[:64].tolist())
+
+    plan = {"prune": [{"unit": "mlp_neurons", "ratio": 0.5, "layers": [0], "criterion": "activation"}]}
+    selection = surgeon_fx.Plan.from_dict(plan).resolve_prune(analysis, stats)
+    (action,) = selection.actions
+    assert action.kept == expected
+
+
+def test_activation_pruning_differs_from_magnitude(llama):
+    _, gm, batch = llama
+    analysis = surgeon_fx.analyze(gm)
+    stats = calibrate(gm, [batch], analysis.sites)
+    kept = {}
+    for criterion in ("magnitude", "activation"):
+        plan = {"prune": [{"unit": "mlp_neurons", "ratio": 0.5, "criterion": criterion}]}
+        selection = surgeon_fx.Plan.from_dict(plan).resolve_prune(analysis, stats)
+        kept[criterion] = [a.kept for a in selection.actions]
+    assert kept["magnitude"] != kept["activation"]
+
+
+def test_activation_pruning_compress_and_restore(llama):
+    _, gm, batch = llama
+    code = gm.code
+    plan = {"prune": [{"unit": "heads", "ratio": 0.5, "criterion": "activation"}]}
+    surgeon_fx.compress(gm, plan, calibration=[batch])
+    assert torch.isfinite(gm(**batch).last_hidden_state).all()
+    surgeon_fx.restore(gm)
+    assert gm.code == code
+
+
+def test_activation_pruning_needs_calibration(llama):
+    _, gm, _ = llama
+    code = gm.code
+    plan = {"prune": [{"unit": "mlp_neurons", "ratio": 0.5, "criterion": "activation"}]}
+    with pytest.raises(PlanError, match="criterion 'activation', which needs calibration"):
+        surgeon_fx.compress(gm, plan)
+    assert gm.code == code
+    assert journal_of(gm).state == "none"
