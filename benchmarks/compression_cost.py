@@ -48,6 +48,11 @@ def _rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -73,21 +78,24 @@ def worker(layers: int, hidden: int) -> dict:
     row = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "params": params,
            "model_mib": model_mib}
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     gm = surgeon_fx.capture(model, (ids,), {"use_cache": False})
     row["capture_s"] = time.perf_counter() - start
+    row["capture_cpu_s"] = _cpu_s() - cpu
     row["peak_after_capture_mib"] = _peak_mib() - base_rss
     del model  # the graph module holds the parameters now
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     analysis = surgeon_fx.analyze(gm)
     row["analyze_s"] = time.perf_counter() - start
+    row["analyze_cpu_s"] = _cpu_s() - cpu
     row["sites"] = len(analysis.sites)
     row["nodes"] = len(gm.graph.nodes)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     surgeon_fx.compress(gm, PLAN, hard=True)
     row["compress_s"] = time.perf_counter() - start
+    row["compress_cpu_s"] = _cpu_s() - cpu
     row["params_after"] = count_params(gm)
     row["peak_mib"] = _peak_mib() - base_rss
     row["peak_over_model"] = row["peak_mib"] / model_mib

@@ -96,7 +96,12 @@ def run(args) -> list[dict]:
             start = time.perf_counter()
             sequential = plan.get("sequential", False)
             uses_stats = "svd-llm" in name or "activation" in name
-            kwargs = {"calibration": calibration} if sequential else {"stats": stats if uses_stats else None}
+            if sequential:
+                kwargs = {"calibration": calibration}
+            elif uses_stats:
+                kwargs = {"stats": stats}
+            else:
+                kwargs = {}
             surgeon_fx.compress(gm, plan, hard=False, **kwargs)
             compressed = embed(gm, evaluation)
             row = {

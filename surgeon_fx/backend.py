@@ -579,6 +579,12 @@ def _weight_is_input(site: LinearSite) -> bool:
 
 def _reject_unsupported_rules(plan: Plan) -> None:
     for index, rule in enumerate(plan.prune):
+        if rule.criterion == "activation":
+            raise PlanError(
+                f"prune rule {index} uses criterion 'activation', which needs calibration data "
+                "that the torch.compile backend does not see; use 'magnitude' or 'random', or "
+                "prune a captured graph module with surgeon_fx.compress(gm, plan, calibration=...)"
+            )
         if rule.unit not in BACKEND_PRUNE_UNITS:
             # Masking hidden channels is not hard pruning: a norm over the hidden size
             # would still divide by the full size.
@@ -611,7 +617,7 @@ def _lookup_inner(inner: str | CompilerFn) -> CompilerFn:
 def _copy_dynamo_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """Return a copy of ``gm`` whose graph can be rewritten.
 
-    Dynamo keeps using the graph it hands over: after the backend returns, it reads
+    Dynamo keeps using the graph it hands over. After the backend returns, it reads
     every placeholder's ``meta["grapharg"]`` to generate the call of the compiled
     graph, so new placeholders in that graph would break the call.
     """

@@ -12,7 +12,7 @@ though, exports alone once its inputs are known. Blockwise capture works like th
 2. Put a forward pre-hook (``with_kwargs=True``) on every block and other part, run
    the model once eagerly on the example inputs, and record each one's first call.
 3. Export each recorded part with ``torch.export.export(part, args, kwargs,
-   strict=False)``. The part is exported inside a wrapper that holds it at its
+   strict=False)``. The part is exported inside a wrapper that keeps it at its
    module path, so every parameter target and ``nn_module_stack`` entry in the
    graph is a full path such as ``model.visual.blocks.0.attn.qkv``.
 4. Join the parts' graphs into one graph module, the *joined graph*, which the
@@ -62,7 +62,7 @@ _CONSTANTS = "_blockwise_constants"
 class CapturedPart:
     """One exported part of a model.
 
-    ``stack`` is the prefix of the repeated stack that holds the part
+    ``stack`` is the prefix of the repeated stack that contains the part
     (``model.visual.blocks``), or ``None`` for another module with linear layers.
     """
 
@@ -86,7 +86,7 @@ class BlockwiseCapture:
 
 
 def is_blockwise(gm: Any) -> bool:
-    """Whether ``gm`` is the joined graph of a blockwise capture."""
+    """Return True if ``gm`` is the joined graph of a blockwise capture."""
     return isinstance(gm, fx.GraphModule) and BLOCKWISE_META in gm.meta
 
 
@@ -124,7 +124,7 @@ def capture_blockwise(model: nn.Module, args: tuple, kwargs: dict, *, reason: st
         try:
             gm = _export_part(model.get_submodule(path), path, part_args, part_kwargs)
         except Exception as err:  # noqa: BLE001 - a part that does not export is skipped and reported
-            skipped[path] = f"torch.export failed with {type(err).__name__}: {_first_line(err)}"
+            skipped[path] = f"export and real tracing failed with {type(err).__name__}: {_first_line(err)}"
             continue
         parts.append(CapturedPart(path, targets[path], gm))
     skipped.update({path: "not called on the example inputs" for path in targets if path not in calls})
@@ -144,7 +144,7 @@ def capture_blockwise(model: nn.Module, args: tuple, kwargs: dict, *, reason: st
 
 
 def join_parts(capture: BlockwiseCapture) -> fx.GraphModule:
-    """Return one graph module that holds the graphs of all ``capture.parts``, side by side."""
+    """Return one graph module that contains the graphs of all ``capture.parts``, side by side."""
     graph = fx.Graph()
     attributes: dict[str, Any] = {}
     outputs = []
@@ -179,7 +179,7 @@ def _has_linear(module: nn.Module) -> bool:
 
 
 def _other_parts(model: nn.Module, stacks: list[str]) -> list[str]:
-    """Return the largest submodules that hold a linear layer but no stack."""
+    """Return the largest submodules that contain a linear layer but no stack."""
     found = []
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -203,8 +203,8 @@ def _record_calls(model: nn.Module, targets: dict, args: tuple, kwargs: dict) ->
     def recorder(path: str):
         def hook(module: nn.Module, hook_args: tuple, hook_kwargs: dict) -> None:
             # A KV cache is state, not an input the block's graph needs, and export rejects it.
-            kept = {name: None if _is_cache(value) else value for name, value in hook_kwargs.items()}
-            calls.setdefault(path, (hook_args, kept))
+            recorded = {name: None if _is_cache(value) else value for name, value in hook_kwargs.items()}
+            calls.setdefault(path, (hook_args, recorded))
 
         return hook
 
@@ -230,7 +230,7 @@ def _is_cache(value: Any) -> bool:
 
 
 class _AtPath(nn.Module):
-    """Hold ``module`` at ``path`` below this wrapper, so that export records full paths."""
+    """Wrapper that registers ``module`` at ``path`` below itself, so that export records full paths."""
 
     def __init__(self, module: nn.Module, path: str) -> None:
         super().__init__()
@@ -280,7 +280,7 @@ def _trace_real(wrapper: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"][: len(names)]
     for name, node in zip(names, placeholders):
         with traced.graph.inserting_before(node), warnings.catch_warnings():
-            # The parameter is not on ``traced`` yet; the GraphModule built below holds it.
+            # The parameter is not on ``traced`` yet, but the GraphModule built below registers it.
             warnings.simplefilter("ignore", UserWarning)
             replacement = traced.graph.get_attr(name)
         replacement.meta = dict(node.meta)
@@ -288,7 +288,7 @@ def _trace_real(wrapper: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
         traced.graph.erase_node(node)
         attributes[name] = tensors[name]
     # NOTE: nodes keep their real example outputs in meta["val"], so tracing a large
-    # block this way holds all of its activations until the capture is dropped.
+    # block this way keeps all of its activations until the capture is dropped.
     return fx.GraphModule(attributes, traced.graph)
 
 

@@ -14,6 +14,14 @@ Order of attempts:
    inputs it received in one eager run, and the graphs are joined for analysis.
 4. ``torch.fx.symbolic_trace(model)`` for plain modules that export rejects.
 
+A blockwise capture returns a *joined graph*: one graph module with the graphs of
+all exported parts side by side, whose parameters are the model's own at their full
+module paths. Its ``meta["surgeon_fx_blockwise"]`` is a
+:class:`~surgeon_fx.blockwise.BlockwiseCapture`: one ``CapturedPart(path, stack,
+gm)`` per exported block or other module with linear layers, the modules it skipped
+with the reason, and why whole-model capture was not used. The joined graph is for
+analysis and for compressing the live model; it does not compute the model.
+
 ``strategy="whole"`` skips step 3, and ``strategy="blockwise"`` goes to step 3
 directly. The log (logger ``surgeon_fx.capture``, level INFO) names the strategy
 used and why.
@@ -265,7 +273,7 @@ class _fastpath_disabled:
 
 
 def _data_dependent(err: BaseException) -> bool:
-    """Whether export failed on control flow that depends on tensor values.
+    """Return True if export failed on control flow that depends on tensor values.
 
     Such a failure does not depend on which dimensions are dynamic, so trying other
     shape settings would only repeat it.

@@ -513,6 +513,9 @@ def _config_edits(model, analysis: Analysis, heads: dict, neurons: dict, notes: 
     if config is None:
         return []
     edits = []
+    # NOTE: counts are compared across all towers and written to the top-level config
+    # only. A multimodal config (Qwen2.5-VL) keeps them in vision_config and
+    # text_config, which stay unpruned; the modules carry the pruned counts.
     counts = {heads.get(op, (op.num_heads, op.num_kv_heads)) for op in analysis.attention}
     if heads and len(counts) == 1:
         q_heads, kv_heads = counts.pop()

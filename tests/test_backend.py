@@ -359,6 +359,13 @@ def test_prune_hidden_rejected():
         surgeon_fx.backend(plan, inner="eager")
 
 
+def test_prune_activation_criterion_rejected():
+    plan = {"prune": [{"unit": "mlp_neurons", "ratio": 0.5, "criterion": "activation"}]}
+
+    with pytest.raises(PlanError, match="prune rule 0 uses criterion 'activation'"):
+        surgeon_fx.backend(plan, inner="eager")
+
+
 def test_prune_and_lrd_same_site_fails():
     plan = {"prune": [{"unit": "mlp_neurons", "ratio": 0.5}], "lrd": [{"roles": ["mlp_down"], "rank": 8}]}
     model, args, _ = CASES["llama"].make()

@@ -1,8 +1,8 @@
 """Tests for calibration, the activation-aware LRD methods and budget allocation.
 
 Each method is checked against a direct computation of its definition on small
-matrices; calibration statistics against the inputs that forward hooks on the eager
-model see; budgets against the parameter count they promise.
+matrices. Calibration statistics are checked against the inputs that forward hooks
+on the eager model see, and budgets against the parameter count they promise.
 """
 
 from __future__ import annotations

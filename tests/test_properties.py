@@ -15,6 +15,8 @@ gives roles from the graph's structure alone.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -180,6 +182,23 @@ def test_check_invariants_skip_unknown():
 
     with pytest.raises(ValueError, match="unknown invariants \\['speed'\\]"):
         check_invariants(gm, args, kwargs, skip=["speed"])
+
+
+def test_testing_imports_without_hypothesis():
+    code = (
+        "import sys\n"
+        "sys.modules['hypothesis'] = None\n"
+        "import surgeon_fx.testing as testing\n"
+        "assert callable(testing.check_invariants)\n"
+        "try:\n"
+        "    testing.plans\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pip install hypothesis" in result.stdout
 
 
 def test_testing_doc_examples_run():

@@ -77,20 +77,25 @@ class Analysis:
 
     def table(self) -> str:
         """Return a plain-text table of the sites, grouped by layer."""
-        header = f"{'layer':>5}  {'role':<12} {'in':>6} {'out':>6}  path"
+        # A model with several towers (vision and text) gets a tower column.
+        width = max(len(name) for name in self.towers) if len(self.towers) > 1 else 0
+        tower_header = f"{'tower':<{width}}  " if width else ""
+        header = f"{tower_header}{'layer':>5}  {'role':<12} {'in':>6} {'out':>6}  path"
         lines = [header, "-" * len(header)]
         for site in self.sites:
             layer = "-" if site.layer is None else str(site.layer)
+            tower = f"{site.tower or '-':<{width}}  " if width else ""
             lines.append(
-                f"{layer:>5}  {site.role:<12} {site.in_features:>6} {site.out_features:>6}  {site.path}"
+                f"{tower}{layer:>5}  {site.role:<12} {site.in_features:>6} {site.out_features:>6}  {site.path}"
             )
         if self.attention:
             lines.append("")
-            lines.append(f"{'layer':>5}  {'kind':<6} {'heads':>5} {'kv':>4} {'head_dim':>8}  rotary")
+            lines.append(f"{tower_header}{'layer':>5}  {'kind':<6} {'heads':>5} {'kv':>4} {'head_dim':>8}  rotary")
             for op in self.attention:
                 layer = "-" if op.layer is None else str(op.layer)
+                tower = f"{op.tower or '-':<{width}}  " if width else ""
                 lines.append(
-                    f"{layer:>5}  {op.kind:<6} {op.num_heads!s:>5} {op.num_kv_heads!s:>4} "
+                    f"{tower}{layer:>5}  {op.kind:<6} {op.num_heads!s:>5} {op.num_kv_heads!s:>4} "
                     f"{op.head_dim!s:>8}  {'yes' if op.rotary else 'no'}"
                 )
         return "\n".join(lines)

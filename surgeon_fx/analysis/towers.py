@@ -38,9 +38,9 @@ def tower_names(stacks: list[str]) -> dict[str, str]:
     unnamed = [stack for stack, name in names.items() if name is None]
     if len(unnamed) == 1 and any(name in _ENCODERS for name in names.values()):
         names[unnamed[0]] = "text"
-    taken = [name for name in names.values() if name is not None]
+    used_names = [name for name in names.values() if name is not None]
     return {
-        stack: name if name is not None and taken.count(name) == 1 else stack
+        stack: name if name is not None and used_names.count(name) == 1 else stack
         for stack, name in names.items()
     }
 

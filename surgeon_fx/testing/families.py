@@ -97,8 +97,9 @@ class ModelSpec:
             num_key_value_heads=self.num_kv_heads, tie_word_embeddings=self.tie_embeddings,
             pad_token_id=0, bos_token_id=1, eos_token_id=2,
         )
-        if self.family == "gemma" and "head_dim" not in fields:
-            fields["head_dim"] = self.head_dim  # GemmaConfig defaults to 256
+        if self.family in HEAD_DIM_FAMILIES and "head_dim" not in fields:
+            # Qwen3Config and GemmaConfig default head_dim to a constant (128, 256), not hidden // heads.
+            fields["head_dim"] = self.head_dim
         return fields
 
 

@@ -18,6 +18,9 @@ Invariants, by name:
 - ``hard_soft``: hard and soft compression compute the same outputs within
   ``atol``/``rtol``; where soft pruning keeps the hidden size, its removed channels
   are exactly zero.
+- ``other_sizes``: hard and soft compression also agree on inputs one row longer in
+  the batch dimension and, for integer inputs such as token ids, two positions
+  longer in the sequence dimension, whenever the uncompressed graph runs on them.
 - ``param_count``: the hard-compressed parameter count equals the count that
   :mod:`surgeon_fx.testing.predict` computes from the plan and the site shapes.
 - ``invalid_plan``: an invalid plan raises ``PlanError`` and leaves the graph
@@ -42,9 +45,11 @@ from ..capture import capture
 from ..errors import PlanError
 from ..passes.manager import journal_of
 from ..plan import CALIBRATED_METHODS, Plan
-from .predict import hidden_kept, predict_num_params
+from .predict import hidden_kept, predict_num_params, selects
 
-INVARIANTS = ("roles", "lint", "full_rank", "restore", "hard_soft", "param_count", "invalid_plan", "deterministic")
+INVARIANTS = (
+    "roles", "lint", "full_rank", "restore", "hard_soft", "other_sizes", "param_count", "invalid_plan", "deterministic",
+)
 ATTENTION_AND_MLP_ROLES = ("q", "k", "v", "qkv", "attn_out", "mlp_up", "mlp_gate", "mlp_gate_up", "mlp_down")
 
 
@@ -216,6 +221,8 @@ def check_plan(
     hard_output = run(hard, args, kwargs)
     if "hard_soft" not in skip:
         _check_hard_soft(hard_output, soft_output, expected, gm, plan_dict, atol, rtol)
+    if "other_sizes" not in skip:
+        _check_other_sizes(gm, soft, hard, plan_dict, args, kwargs, atol, rtol)
     if "param_count" not in skip:
         _check_param_count(hard, gm, plan_dict)
     if "deterministic" not in skip:
@@ -369,7 +376,7 @@ def _assert_same_state(actual, expected, invariant: str, what: str) -> None:
 
 
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors of one dtype and shape hold the same bits (NaN equals itself)."""
+    """Return whether two tensors of one dtype and shape contain the same bits (NaN equals itself)."""
     if a.numel() == 0:
         return True
     return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
@@ -409,6 +416,38 @@ def _check_hard_soft(hard, soft, dense, gm, plan: dict, atol: float, rtol: float
             raise InvariantError("hard_soft", f"output {index} of the hard-compressed model is not finite")
 
 
+def _check_other_sizes(gm, soft, hard, plan: dict, args: tuple, kwargs: dict, atol: float, rtol: float) -> None:
+    wide_args, wide_kwargs = widen(args), widen(kwargs)
+    try:
+        dense = run(gm, wide_args, wide_kwargs)
+    except Exception:  # noqa: BLE001 - a graph captured with static shapes runs at one size only
+        return
+    sizes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves((wide_args, wide_kwargs)) if isinstance(t, torch.Tensor)]
+    try:
+        soft_output, hard_output = run(soft, wide_args, wide_kwargs), run(hard, wide_args, wide_kwargs)
+    except Exception as err:  # noqa: BLE001 - the uncompressed graph runs at these sizes
+        raise InvariantError("other_sizes", f"the compressed graph fails on inputs of shapes {sizes}: {type(err).__name__}: {err}") from err
+    try:
+        _check_hard_soft(hard_output, soft_output, dense, gm, plan, atol, rtol)
+    except InvariantError as err:
+        raise InvariantError("other_sizes", f"on inputs of shapes {sizes}: {err}") from err
+
+
+def widen(value: Any) -> Any:
+    """Return example inputs one row longer in dim 0, and two longer in dim 1 for integer 2-d tensors."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 1 and value.shape[0] >= 1:
+            value = torch.cat([value, value[:1]], dim=0)
+        if value.dim() == 2 and not value.is_floating_point() and value.shape[1] >= 2:
+            value = torch.cat([value, value[:, :2]], dim=1)
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(widen(v) for v in value)
+    if isinstance(value, dict):
+        return {key: widen(v) for key, v in value.items()}
+    return value
+
+
 def _kept_channels(soft: torch.Tensor, hard: torch.Tensor, dense: torch.Tensor, plan: dict, gm) -> torch.Tensor:
     """Return the channels of a soft output that a hard prune of the hidden size keeps."""
     if soft.shape == hard.shape:
@@ -442,7 +481,8 @@ def _check_budget(hard: fx.GraphModule, analysis: Analysis, plan: dict) -> None:
         if "budget" not in rule:
             continue
         fraction = next(iter(rule["budget"].values()))
-        selected = [s for s in analysis.sites if _rule_selects(rule, s)]
+        # A site takes the last rule that matches it.
+        selected = [s for s in analysis.sites if _last_match(plan["lrd"], s) == index]
         dense = sum(s.in_features * s.out_features for s in selected)
         kept = 0
         for site in selected:
@@ -452,7 +492,6 @@ def _check_budget(hard: fx.GraphModule, analysis: Analysis, plan: dict) -> None:
             raise InvariantError("param_count", f"lrd rule {index} keeps {kept} of {dense} weights, over its budget {fraction}")
 
 
-def _rule_selects(rule: dict, site) -> bool:
-    from .predict import selects
-
-    return selects(rule, site)
+def _last_match(rules: list[dict], site) -> int | None:
+    matches = [index for index, rule in enumerate(rules) if selects(rule, site)]
+    return matches[-1] if matches else None

@@ -12,11 +12,11 @@ geometry of an :class:`~surgeon_fx.Analysis`, and applies the documented formula
 - A low-rank rule of rank ``r`` turns an ``m x n`` weight (after pruning) into
   ``r * (m + n)`` weights; ``{"keep": f}`` means ``r = floor(f * m * n / (m + n))``.
 
-NOTE: for hidden-size pruning the oracle assumes that every parameter other than
-a linear weight or bias with an axis of exactly the hidden size lies on the
-residual stream (embeddings, norms, position tables), and that the only linear
-outputs on the stream are the attention and MLP output projections. A model with
-another layer writing into the stream breaks that assumption.
+NOTE: for hidden-size pruning the oracle assumes two things. Every parameter with
+an axis of exactly the hidden size, other than linear weights and biases, lies on
+the residual stream (embeddings, norms, position tables). The only linear outputs
+on the stream are the attention and MLP output projections. A model with another
+layer writing into the stream breaks the second assumption.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class SitePrediction:
 
 
 def selects(rule: dict[str, Any], site: LinearSite) -> bool:
-    """Whether the selectors of ``rule`` (a rule dict of a normalised plan) all match ``site``."""
+    """Return whether every selector of ``rule`` (a rule dict of a normalised plan) matches ``site``."""
     if "roles" in rule and site.role not in rule["roles"]:
         return False
     if "layers" in rule and site.layer not in rule["layers"]:
@@ -96,7 +96,8 @@ def predict_sites(analysis: Analysis, plan: dict[str, Any]) -> dict[str, SitePre
         _apply_prune_rule(analysis, rule, shapes)
     for site in analysis.sites:
         rule = _last_lrd_rule(plan, site)
-        if rule is not None:
+        # NOTE: a budget rule's ranks depend on the singular values, so they stay unpredicted here.
+        if rule is not None and "rank" in rule:
             shapes[site.path].rank = _rank(rule["rank"], shapes[site.path])
     return shapes
 
@@ -146,7 +147,7 @@ def predict_num_params(model: nn.Module, analysis: Analysis, plan: dict[str, Any
 
 
 def _shared(model: nn.Module, tensor, path: str) -> bool:
-    """Whether ``tensor`` is also a parameter outside the module at ``path``."""
+    """Return whether ``tensor`` is also a parameter outside the module at ``path``."""
     return any(p is tensor and not name.startswith(path + ".") for name, p in model.named_parameters(remove_duplicate=False))
 
 

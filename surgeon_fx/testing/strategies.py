@@ -169,9 +169,14 @@ def _lrd_rule(draw, analysis: Analysis, shapes: dict, calibrated: bool) -> dict[
     limit = min(min(shapes[s.path].out_features, shapes[s.path].in_features) for s in matched)
     # The smallest fraction that gives rank >= 1 on every matched site.
     smallest_keep = max(_smallest_keep(shapes[s.path]) for s in matched)
-    choices = ["full", "int"] + (["keep"] if smallest_keep <= 1 else [])
+    # A budget leaves every site at least rank 1: fraction * sum(m n) >= sum(m + n).
+    smallest_budget = _smallest_budget([shapes[s.path] for s in matched])
+    choices = ["full", "int"] + (["keep"] if smallest_keep <= 1 else []) + (["budget"] if smallest_budget <= 1 else [])
     choice = draw(st.sampled_from(choices))
-    if choice == "full":
+    if choice == "budget":
+        fractions = sorted({f for f in (smallest_budget, 0.5, 0.8) if smallest_budget <= f <= 1})
+        rule["budget"] = {draw(st.sampled_from(["params", "flops"])): draw(st.sampled_from(fractions))}
+    elif choice == "full":
         rule["rank"] = "full"
     elif choice == "int":
         rule["rank"] = draw(st.integers(1, limit))
@@ -187,6 +192,12 @@ def _smallest_keep(shape) -> float:
     """Return the smallest two-decimal fraction ``f`` with ``floor(f * m * n / (m + n)) >= 1``."""
     m, n = shape.out_features, shape.in_features
     return math.ceil(100 * (m + n) / (m * n)) / 100
+
+
+def _smallest_budget(shapes: list) -> float:
+    """Return the smallest two-decimal budget fraction that pays for rank 1 on every site."""
+    dense = sum(shape.out_features * shape.in_features for shape in shapes)
+    return math.ceil(100 * sum(shape.out_features + shape.in_features for shape in shapes) / dense) / 100
 
 
 def _matches(rule: dict, site) -> bool:
@@ -279,12 +290,12 @@ def _invalid_for_model(draw, analysis: Analysis) -> dict[str, Any]:
             options.append({"prune": [{"unit": "heads", "ratio": 0.5 / steps, "gqa": "groups"}]})
         if group.unit == "hidden" and analysis.layers and any(s.layer is None for s in group.sites):
             options.append({"prune": [{"unit": "hidden", "ratio": 0.25, "layers": analysis.layers}]})
-        if group.unit == "heads" and group.size > 1 and not group.queries_per_kv > 1:
-            # A query rank that no longer fits once heads are pruned.
-            q = group.attention.q
+        q = group.attention.q if group.unit == "heads" else None
+        if q is not None and group.size > 1 and group.queries_per_kv == 1 and q.out_features <= q.in_features:
+            # A full query rank that no longer fits once half the heads are pruned.
             options.append({
                 "prune": [{"unit": "heads", "ratio": 0.5}],
-                "lrd": [{"paths": [q.path], "rank": min(q.out_features, q.in_features)}],
+                "lrd": [{"paths": [q.path], "rank": q.out_features}],
             })
     return draw(st.sampled_from(options))
 
@@ -293,13 +304,13 @@ def _invalid_for_model(draw, analysis: Analysis) -> dict[str, Any]:
 def invalid_plans(draw, analysis: Analysis) -> dict[str, Any]:
     """Draw a plan that ``analysis`` must reject: one invalid rule among valid ones.
 
-    The invalid rule is a malformed value (unknown key, role, unit, method or
-    criterion; a rank, ratio, seed or ``round_to`` out of range) or a well-formed
-    rule that does not fit this model (a rank above the site's size, a selector that
-    matches nothing, a ratio that leaves no unit or misses grouped-query steps, a
-    selector that splits a coupling group, a calibrated method without calibration).
-    Valid rules drawn with :func:`plans` come first, so a rejection must also undo
-    nothing.
+    The invalid rule is either a malformed value or a well-formed rule that does not
+    fit this model. Malformed values are unknown keys, roles, units, methods and
+    criteria, and ranks, ratios, seeds or ``round_to`` out of range. Rules that do
+    not fit are a rank above the site's size, a selector that matches nothing, a
+    ratio that leaves no unit or misses grouped-query steps, a selector that splits
+    a coupling group, and a calibrated method without calibration. Valid rules
+    drawn with :func:`plans` come first, so a rejection must leave them undone too.
     """
     bad = draw(st.one_of(st.sampled_from(_BAD_VALUES), _invalid_for_model(analysis)))
     if not isinstance(bad.get("lrd", []), list) or set(bad) - {"lrd", "prune"}:
