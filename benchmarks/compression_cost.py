@@ -1,9 +1,9 @@
 """Cost of compression: time and peak memory of capture, analysis and hard compression.
 
-Run: ``.venv/bin/python benchmarks/compression_cost.py [--timeout 300]``.
+Run: ``.venv/bin/python benchmarks/compression_cost.py [--timeout 300] [--threads 1]``.
 
 Each configuration runs in a fresh subprocess, so that ``resource.getrusage``'s
-maximum resident set size (which sees torch's CPU allocations, unlike
+maximum resident set size (which counts torch's CPU allocations, unlike
 ``tracemalloc``) belongs to that configuration alone. A worker builds a Llama with
 random weights, then times ``surgeon_fx.capture``, ``surgeon_fx.analyze`` and
 ``surgeon_fx.compress(gm, plan, hard=True)`` with a plan that decomposes every
@@ -83,7 +83,7 @@ def worker(layers: int, hidden: int) -> dict:
     row["capture_s"] = time.perf_counter() - start
     row["capture_cpu_s"] = _cpu_s() - cpu
     row["peak_after_capture_mib"] = _peak_mib() - base_rss
-    del model  # the graph module holds the parameters now
+    del model  # only the graph module references the parameters now
 
     start, cpu = time.perf_counter(), _cpu_s()
     analysis = surgeon_fx.analyze(gm)
@@ -102,10 +102,12 @@ def worker(layers: int, hidden: int) -> dict:
     return row
 
 
-def run_sweep(configs: list[tuple[int, int]], timeout: float) -> list[dict]:
+def run_sweep(configs: list[tuple[int, int]], timeout: float, threads: int | None) -> list[dict]:
     rows = []
     for layers, hidden in configs:
         command = [sys.executable, __file__, "--worker", str(layers), str(hidden)]
+        if threads:
+            command += ["--threads", str(threads)]
         start = time.perf_counter()
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -198,13 +200,16 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, type=int, metavar=("LAYERS", "HIDDEN"), help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per configuration")
     parser.add_argument("--svd-repeats", type=int, default=3, help="timed SVD calls per rank (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return
 
-    depth_rows = run_sweep([(layers, 256) for layers in DEPTHS], args.timeout)
-    width_rows = run_sweep([(4, hidden) for hidden in WIDTHS], args.timeout)
+    depth_rows = run_sweep([(layers, 256) for layers in DEPTHS], args.timeout, args.threads)
+    width_rows = run_sweep([(4, hidden) for hidden in WIDTHS], args.timeout, args.threads)
     svd_rows = compare_svd(args.svd_repeats)
     for row in svd_rows:
         print(f"{row['weight']:<18} rank {row['rank']:>3}: linalg.svd {row['linalg_svd_s']:.2f} s error "
@@ -213,6 +218,7 @@ def main() -> None:
     write_json("compression_cost.json", {
         "machine": machine(),
         "plan": PLAN,
+        "threads": torch.get_num_threads(),
         "depth": depth_rows,
         "width": width_rows,
         "svd": svd_rows,

@@ -40,8 +40,23 @@ def allocate_ranks(
     ranks = {site: 0 for site in sites}
     spent = 0.0
     spectra = [values / values.norm().clamp(min=1e-30) for values in spectra]
-    heap = [_next_step(site, values, 0, index) for index, (site, values) in enumerate(zip(sites, spectra))]
-    heap = [step for step in heap if step is not None]
+    # Every site needs rank 1, so those steps are paid first: in gain order alone,
+    # sites with large gains could spend the budget and leave another at rank 0.
+    heap = []
+    for index, (site, values) in enumerate(zip(sites, spectra)):
+        first = _next_step(site, values, 0, index)
+        if first is None:
+            continue
+        ranks[site] = first[3]
+        spent += first[1]
+        step = _next_step(site, values, first[3], index)
+        if step is not None:
+            heap.append(step)
+    if spent > budget:
+        raise PlanError(
+            f"{where}: a budget of {fraction} cannot pay for rank 1 on each of the {len(sites)} selected "
+            f"sites, which needs {spent / total:.4g} of their weights; raise the budget or select fewer sites"
+        )
     heapq.heapify(heap)
     while heap:
         _, cost, index, rank = heapq.heappop(heap)

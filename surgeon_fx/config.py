@@ -70,8 +70,9 @@ class CompressionConfig:
             -> such a mapping. ``"full"`` leaves the site as it is.
         pruning_ratio_skip_connections: fraction of the hidden size (the residual
             stream) to remove, in [0, 1).
-        lrd_method: factorisation method of every LRD rule (``"svd"``,
-            ``"svd-llm"`` or ``"asvd"``; the last two need calibration inputs).
+        lrd_method: factorisation method of every LRD rule: ``"auto"`` (SVD-LLM
+            when calibration inputs are given, plain SVD otherwise), ``"svd"``,
+            ``"svd-llm"`` or ``"asvd"`` (the last two need calibration inputs).
         gqa: how head pruning treats grouped-query attention: ``"groups"`` removes
             whole key/value groups, ``"queries"`` removes query heads from every group.
 
@@ -82,7 +83,7 @@ class CompressionConfig:
     pruning_ratio_lists: dict[str, Any] = field(default_factory=dict)
     lrd_rank_lists: dict[str, Any] = field(default_factory=dict)
     pruning_ratio_skip_connections: float = 0.0
-    lrd_method: str = "svd"
+    lrd_method: str = "auto"
     gqa: str = "groups"
 
     def __post_init__(self) -> None:
@@ -216,7 +217,7 @@ class CompressionConfig:
             pruning_ratio_lists=_unflatten(ratios),
             lrd_rank_lists=_unflatten(lrd),
             pruning_ratio_skip_connections=skip,
-            lrd_method=methods.pop() if methods else "svd",
+            lrd_method=methods.pop() if methods else "auto",
             gqa=gqa,
         )
 

@@ -32,7 +32,12 @@ ASVD_ALPHA = 0.5
 
 
 def input_transform(method: str, stats: SiteStats | None, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Return ``(S, S^{-1})`` for ``method``, or ``None`` for plain SVD."""
+    """Return ``(S, S^{-1})`` for ``method``, or ``None`` for plain SVD.
+
+    ``"auto"`` is ``"svd-llm"`` when ``stats`` are given and plain SVD otherwise.
+    """
+    if method == "auto":
+        method = "svd-llm" if stats is not None else "svd"
     if method == "svd":
         return None
     if stats is None:

@@ -35,7 +35,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-LRD_METHODS = ("svd", "svd-llm", "asvd")
+# "auto" is "svd-llm" when calibration statistics are given and "svd" otherwise.
+LRD_METHODS = ("auto", "svd", "svd-llm", "asvd")
 CALIBRATED_METHODS = ("svd-llm", "asvd")
 BUDGET_KINDS = ("params", "flops")
 _SELECTOR_KEYS = ("roles", "layers", "paths", "towers")
@@ -102,7 +103,7 @@ class LRDRule:
 
     selector: Selector
     rank: int | str | Keep | None = None
-    method: str = "svd"
+    method: str = "auto"
     budget: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,14 +252,17 @@ class Plan:
                 )
             if rule.method in CALIBRATED_METHODS:
                 _check_stats(rule, index, matched, stats)
+            method = concrete_method(rule.method, stats)
             if rule.budget is not None and matched:
-                for site in matched:
+                # The budget covers only the sites this rule keeps: a later rule takes the others.
+                owned = [s for s in matched if not any(r.selector.matches(s) for r in self.lrd[index + 1:])]
+                for site in owned:
                     _check_finite(analysis, LRDAction(site, None, index))
-                for site, rank in _budget_ranks(analysis, rule, index, matched, stats).items():
-                    chosen[site] = LRDAction(site, rank, index, rule.method)
+                for site, rank in (_budget_ranks(analysis, rule, index, owned, stats) if owned else {}).items():
+                    chosen[site] = LRDAction(site, rank, index, method)
                 continue
             for site in matched:
-                chosen[site] = LRDAction(site, _resolve_rank(rule, index, site), index, rule.method)
+                chosen[site] = LRDAction(site, _resolve_rank(rule, index, site), index, method)
         actions = [chosen[s] for s in analysis.sites if s in chosen]
         for action in actions:
             if action.rank is not None:
@@ -277,13 +281,21 @@ def _check_stats(rule: LRDRule, index: int, sites: list[LinearSite], stats: dict
         raise PlanError(f"lrd rule {index}: the calibration statistics lack sites {missing[:3]}; calibrate again")
 
 
+def concrete_method(method: str, stats: dict | None) -> str:
+    """Return the method a rule runs: ``"auto"`` becomes ``"svd-llm"`` with statistics."""
+    if method != "auto":
+        return method
+    return "svd-llm" if stats is not None else "svd"
+
+
 def _budget_ranks(analysis: Analysis, rule: LRDRule, index: int, sites: list[LinearSite], stats) -> dict:
     from .budget import allocate_ranks
     from .lrd_methods import input_transform, spectrum
 
     spectra = []
     for site in sites:
-        transform = input_transform(rule.method, stats.get(site.path) if stats else None, site.in_features)
+        method = concrete_method(rule.method, stats)
+        transform = input_transform(method, stats.get(site.path) if stats else None, site.in_features)
         spectra.append(spectrum(site.weight(analysis.gm), transform))
     fraction = next(iter(rule.budget.values()))
     return allocate_ranks(sites, spectra, fraction, f"lrd rule {index}")
@@ -308,7 +320,7 @@ def _parse_lrd_rule(rule: Any, index: int) -> LRDRule:
             f"{where} needs exactly one of 'rank' (an int, \"full\" or {{\"keep\": fraction}}) "
             "and 'budget' (such as {\"params\": 0.5})"
         )
-    method = rule.get("method", "svd")
+    method = rule.get("method", "auto")
     if method not in LRD_METHODS:
         raise PlanError(f"{where} has unknown method {method!r}; choose one of {list(LRD_METHODS)}")
     selector = parse_selector(rule, where)

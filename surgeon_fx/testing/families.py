@@ -1,6 +1,6 @@
 """Small Hugging Face models described by a :class:`ModelSpec`, built without downloads.
 
-A spec holds the family name and the few configuration fields that change the
+A spec contains the family name and the few configuration fields that change the
 graph (sizes, biases, activation, tied embeddings, attention implementation). Its
 ``repr`` is valid Python, so a failing spec printed by Hypothesis can be pasted
 into an ``@example``.
@@ -46,7 +46,7 @@ DECODER_ACTIVATIONS = ("silu", "gelu", "relu", "gelu_pytorch_tanh")
 class ModelSpec:
     """A small model of one family: its size fields, switches and example input shape.
 
-    ``options`` holds extra configuration fields of the family (biases, head_dim).
+    ``options`` contains extra configuration fields of the family (biases, head_dim).
     ``lm_head`` selects the causal LM class (with an output head) over the base model.
     """
 

@@ -31,8 +31,8 @@ from .predict import kept_heads, kept_units, predict_sites
 
 __all__ = ["invalid_plans", "plans", "register_profiles", "transformer_configs"]
 
-CI_EXAMPLES = 10
-THOROUGH_EXAMPLES = 200
+CI_EXAMPLES = 14
+THOROUGH_EXAMPLES = 100
 
 
 def register_profiles() -> None:
@@ -162,17 +162,27 @@ def _lrd_rule(draw, analysis: Analysis, shapes: dict, calibrated: bool) -> dict[
         rule["paths"] = [anchor.path]
     if kind == "glob":
         rule["paths"] = [anchor.path.rsplit(".", 1)[0] + ".*"]
+
     matched = [s for s in analysis.sites if _matches(rule, s)]
     if not matched:
         rule = {"paths": [anchor.path]}
         matched = [anchor]
+
     limit = min(min(shapes[s.path].out_features, shapes[s.path].in_features) for s in matched)
     # The smallest fraction that gives rank >= 1 on every matched site.
     smallest_keep = max(_smallest_keep(shapes[s.path]) for s in matched)
-    # A budget leaves every site at least rank 1: fraction * sum(m n) >= sum(m + n).
+    # A budget must pay for rank 1 on every site. Budgets appear only where calibrated
+    # methods may, because the default method "auto" runs svd-llm once calibration is given.
     smallest_budget = _smallest_budget([shapes[s.path] for s in matched])
-    choices = ["full", "int"] + (["keep"] if smallest_keep <= 1 else []) + (["budget"] if smallest_budget <= 1 else [])
+    budget = calibrated and smallest_budget <= 1
+    choices = ["full", "int"]
+    if smallest_keep <= 1:
+        choices.append("keep")
+    if budget:
+        choices.append("budget")
     choice = draw(st.sampled_from(choices))
+
+
     if choice == "budget":
         fractions = sorted({f for f in (smallest_budget, 0.5, 0.8) if smallest_budget <= f <= 1})
         rule["budget"] = {draw(st.sampled_from(["params", "flops"])): draw(st.sampled_from(fractions))}
@@ -184,7 +194,7 @@ def _lrd_rule(draw, analysis: Analysis, shapes: dict, calibrated: bool) -> dict[
         fractions = sorted({f for f in (smallest_keep, 0.25, 0.5, 0.8, 1.0) if smallest_keep <= f <= 1})
         rule["rank"] = {"keep": draw(st.sampled_from(fractions))}
     if calibrated:
-        rule["method"] = draw(st.sampled_from(["svd", "svd-llm", "asvd"]))
+        rule["method"] = draw(st.sampled_from(["auto", "svd", "svd-llm", "asvd"]))
     return rule
 
 
@@ -197,7 +207,15 @@ def _smallest_keep(shape) -> float:
 def _smallest_budget(shapes: list) -> float:
     """Return the smallest two-decimal budget fraction that pays for rank 1 on every site."""
     dense = sum(shape.out_features * shape.in_features for shape in shapes)
-    return math.ceil(100 * sum(shape.out_features + shape.in_features for shape in shapes) / dense) / 100
+    first_steps = 0
+    for shape in shapes:
+        m, n = shape.out_features, shape.in_features
+        dense_rank = m * n // (m + n)
+        if dense_rank == 0:
+            return math.inf  # a site too small to factor at any rank
+        # Rank 1 at a site whose dense rank is 1 leaves it dense, at cost m * n.
+        first_steps += m * n if dense_rank == 1 else m + n
+    return math.ceil(100 * first_steps / dense) / 100
 
 
 def _matches(rule: dict, site) -> bool:
@@ -226,7 +244,25 @@ def plans(draw, analysis: Analysis, *, prune: bool = True, lrd: bool = True) -> 
         count = draw(st.integers(0 if plan.get("prune") else 1, 3))
         calibrated = not plan.get("prune")
         plan["lrd"] = [draw(_lrd_rule(analysis, shapes, calibrated)) for _ in range(count)]
+        _fit_budgets(analysis, shapes, plan["lrd"])
     return plan
+
+
+def _fit_budgets(analysis: Analysis, shapes: dict, rules: list[dict[str, Any]]) -> None:
+    """Raise each budget to pay for rank 1 on the sites its rule keeps, after later rules took theirs."""
+    for index, rule in enumerate(rules):
+        if "budget" not in rule:
+            continue
+        owned = [s for s in analysis.sites if _matches(rule, s) and not any(_matches(r, s) for r in rules[index + 1:])]
+        if not owned:
+            continue
+        smallest = _smallest_budget([shapes[s.path] for s in owned])
+        kind, fraction = next(iter(rule["budget"].items()))
+        if smallest > 1:
+            del rule["budget"]
+            rule["rank"] = "full"
+        elif fraction < smallest:
+            rule["budget"] = {kind: smallest}
 
 
 # --- invalid plans ---------------------------------------------------------------
