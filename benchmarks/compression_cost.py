@@ -172,6 +172,7 @@ def plot(depth_rows: list[dict], width_rows: list[dict], path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for axis, rows, key, label in ((axes[0], depth_rows, "layers", "layers (hidden 256)"),
@@ -187,6 +188,7 @@ def plot(depth_rows: list[dict], width_rows: list[dict], path) -> None:
     rows = [r for r in depth_rows + width_rows if "error" not in r]
     axes[2].scatter([r["model_mib"] for r in rows], [r["peak_over_model"] for r in rows])
     axes[2].set_xscale("log")
+    axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[2].set_xlabel("model size (MiB, float32)")
     axes[2].set_ylabel("peak RSS increase / model size")
     axes[2].set_title("hard LRD, capture to compress")

@@ -51,7 +51,7 @@ def machine_section(runs: list[dict]) -> str:
     if info is None:
         return "No results yet: run `make bench`."
     text = (
-        f"Measured on {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+        f"Measured on {info['cpu']}, {info['cores']} cores (torch threads: {info['torch_threads']}), "
         f"torch {info['torch']}, transformers {info['transformers']}, Python {info['python']}. "
         "The machine was shared with other processes (tests and other benchmarks) while these "
         "figures were taken, so absolute times are noisy and longer than on an idle machine. "
@@ -148,7 +148,8 @@ def torch_pruning_section() -> str:
         "2 key/value heads), magnitude criterion, batch 1, sequence 64. Latency is the pruned "
         "model's median over the dense model's, in one process. Cosine compares logits with the "
         "dense model's. Torch-Pruning 1.6.1 runs with `MAX_VALID_DIM = 2**64` unless the "
-        "workaround column says no.",
+        "workaround column says no. Latency differences of a few hundredths between runs with "
+        "the same shapes are noise from the shared machine.",
         "",
         "![torch-pruning](results/torch_pruning_compare.png)",
         "",
@@ -162,16 +163,16 @@ def torch_pruning_section() -> str:
         shapes = f"q {layer['self_attn.q_proj.weight'][0]}, k {layer['self_attn.k_proj.weight'][0]}, " \
                  f"up {layer['mlp.up_proj.weight'][0]}"
         rows.append([
-            r["tool"], r["budget"], "yes" if r["workaround"] else "no", f"{r['prune_s']:.1f}",
+            r["tool"], r["budget"], "yes" if r["workaround"] else "no", f"{r['prune_s']:.2f}",
             f"{r['kept']:.1%}", shapes, f"{r.get('latency_ratio', float('nan')):.2f}", r["forward"],
             f"{r['cosine_vs_dense']:.3f}" if "cosine_vs_dense" in r else "", r.get("generate", ""),
         ])
     parts.append(table(["tool", "budget", "workaround", "prune s", "params kept", "layer 0 out features",
                         "latency", "forward", "cosine", "generate"], rows))
-    patched = [r for r in data["rows"] if r.get("hand_patches")]
+    patched = {f"{r['tool']} {r['budget']}": ", ".join(r["hand_patches"]) for r in data["rows"] if r.get("hand_patches")}
     if patched:
-        parts += ["", "Attributes patched by hand after pruning: " + "; ".join(
-            f"{r['tool']} {r['budget']}: {', '.join(r['hand_patches'])}" for r in patched) + "."]
+        parts += ["", "Attributes the script had to patch by hand after pruning: " + "; ".join(
+            f"{run} ({attributes})" for run, attributes in patched.items()) + "."]
     return "\n".join(parts)
 
 
@@ -204,7 +205,7 @@ def write_readme(runs: list[dict]) -> None:
         inference_section(),
     ]
     if analysis:
-        sections += ["## Why some speedups fall short of the FLOP limit", analysis]
+        sections += ["## Findings", analysis]
     sections += [
         "## Cost of compression",
         cost_section(),

@@ -116,6 +116,18 @@ SMALL_LLAMA = ModelSpec(
     plan={"lrd": [{"roles": ["attn_out", "mlp_down", "mlp_up"], "budget": {"params": 0.5}},
                   {"roles": ["mlp_up"], "rank": "full"}]},
 )
+# Harness bug: Qwen3Config defaults head_dim to 128, so the spec must always pass it.
+@example(
+    spec=ModelSpec("qwen3", 8, 1, 1, 4, 1, lm_head=True, attn_implementation="eager",
+                   options={"attention_bias": True}, batch=1, seq_len=2),
+    data=None, plan={"lrd": [{"roles": ["q"], "rank": 1}]},
+)
+# Harness bug: decomposing a tied output head keeps the embedding it shares, and the
+# parameter prediction had replaced the embedding's count by the factors' count.
+@example(
+    spec=ModelSpec("llama", 8, 1, 1, 14, 1, tie_embeddings=True, lm_head=True, options={"head_dim": 4}, seq_len=3),
+    data=None, plan={"lrd": [{"rank": {"keep": 0.38}}]},
+)
 def test_drawn_model_keeps_invariants(spec, data, plan):
     model, args, kwargs = build_model(spec)
     gm = quiet_capture(model, args, kwargs)

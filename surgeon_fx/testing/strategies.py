@@ -32,7 +32,7 @@ from .predict import kept_heads, kept_units, predict_sites
 __all__ = ["invalid_plans", "plans", "register_profiles", "transformer_configs"]
 
 CI_EXAMPLES = 14
-THOROUGH_EXAMPLES = 100
+THOROUGH_EXAMPLES = 250
 
 
 def register_profiles() -> None:
