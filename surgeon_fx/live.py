@@ -331,7 +331,8 @@ def _resolve_actions(analysis: Analysis, plan: Plan, stats, *, live: bool = True
         raise PlanError(
             f"pruning the hidden size changes the parameters {params[:3]} besides linear layers, "
             "which compress_model() does not support on a live model; capture the model and call "
-            "surgeon_fx.compress() on the graph module, or drop pruning_ratio_skip_connections"
+            "surgeon_fx.compress() on the graph module, or remove the 'hidden' prune rule "
+            "(pruning_ratio_skip_connections in a CompressionConfig)"
         )
     return actions, selection
 

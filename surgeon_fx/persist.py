@@ -274,7 +274,9 @@ def _check_original(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
         raise CheckpointError(
             f"site {path!r}: the checkpoint's original layer is {original['out_features']}x{original['in_features']} "
             f"(out x in) but the model's {type(module).__name__} is {out_features}x{in_features}; load into a "
-            "model built from the same config"
+            "model built from the original config. Hard pruning writes the new head and neuron counts "
+            "into model.config in place, so build the fresh model from a copy of the config made "
+            "before compression, or from the saved config.json"
         )
     return module
 

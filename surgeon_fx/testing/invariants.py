@@ -77,7 +77,7 @@ def check_invariants(
     ``args`` and ``kwargs``) or a graph module that :func:`surgeon_fx.capture`
     returned. Neither changes. Without a ``plan``, the plan of
     :func:`default_plan` is used. ``skip`` names invariants to leave out (see
-    :data:`INVARIANTS`), for example ``"roles"`` for a model whose blocks hold
+    :data:`INVARIANTS`), for example ``"roles"`` for a model whose blocks contain
     linear layers that are neither attention nor MLP. ``atol`` and ``rtol`` bound
     the difference of hard and soft outputs.
 
@@ -116,7 +116,11 @@ def analyze_quietly(gm: fx.GraphModule) -> Analysis:
 
 
 def default_plan(analysis: Analysis) -> dict[str, Any]:
-    """Return a plan that exercises both passes: prune MLP neurons, then halve every linear."""
+    """Return a plan that runs both passes.
+
+    It prunes 25% of the MLP neurons, then keeps half the weights of every attention
+    and MLP linear.
+    """
     roles = sorted({s.role for s in analysis.sites if s.role in ATTENTION_AND_MLP_ROLES})
     plan: dict[str, Any] = {"lrd": [{"roles": roles, "rank": {"keep": 0.5}}]} if roles else {"lrd": []}
     if any(g.unit == "mlp_neurons" and not g.unsupported for g in analysis.groups):
@@ -354,23 +358,23 @@ def lint_journal(gm: fx.GraphModule) -> None:
     lint(gm, "lint")
 
 
-def _assert_same_state(actual, expected, invariant: str, what: str) -> None:
+def _assert_same_state(actual, expected, invariant: str, step: str) -> None:
     code, tensors = actual
     expected_code, expected_tensors = expected
     if code != expected_code:
-        raise InvariantError(invariant, f"after {what}, gm.code differs:\n{_first_difference(code, expected_code)}")
+        raise InvariantError(invariant, f"after {step}, gm.code differs:\n{_first_difference(code, expected_code)}")
     if list(tensors) != list(expected_tensors):
         missing = [n for n in expected_tensors if n not in tensors]
         extra = [n for n in tensors if n not in expected_tensors]
         raise InvariantError(
-            invariant, f"after {what}, tensor names differ: missing {missing[:5]}, extra {extra[:5]}, "
+            invariant, f"after {step}, tensor names differ: missing {missing[:5]}, extra {extra[:5]}, "
             "or a different order"
         )
     for name, tensor in expected_tensors.items():
         other = tensors[name]
         if other.dtype != tensor.dtype or other.shape != tensor.shape or not bit_equal(other, tensor):
             raise InvariantError(
-                invariant, f"after {what}, tensor {name} differs: {tuple(other.shape)} {other.dtype} "
+                invariant, f"after {step}, tensor {name} differs: {tuple(other.shape)} {other.dtype} "
                 f"against {tuple(tensor.shape)} {tensor.dtype}"
             )
 
