@@ -56,6 +56,15 @@ class SiteStats:
         self.abs_sum.add_(x.abs().sum(0))
         self.tokens += x.shape[0]
 
+    def restrict(self, channels: list[int]) -> SiteStats:
+        """Return the statistics of the input channels ``channels`` only.
+
+        After pruning removes input channels of a site, its remaining inputs are the
+        kept channels of the original input, so these are its statistics.
+        """
+        index = torch.tensor(channels, dtype=torch.long)
+        return SiteStats(self.xtx[index][:, index], self.sq_sum[index], self.abs_sum[index], self.tokens)
+
     @property
     def covariance(self) -> torch.Tensor:
         """``X^T X / tokens``, the uncentred input covariance."""

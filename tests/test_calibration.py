@@ -349,3 +349,30 @@ def test_activation_pruning_needs_calibration(llama):
         surgeon_fx.compress(gm, plan)
     assert gm.code == code
     assert journal_of(gm).state == "none"
+
+
+def test_prune_then_svd_llm_on_pruned_sites(llama):
+    _, gm, batch = llama
+    code = gm.code
+    plan = {
+        "prune": [{"unit": "mlp_neurons", "ratio": 0.5, "criterion": "activation"}],
+        "lrd": [{"roles": ["mlp_down", "mlp_up"], "rank": 16}],
+    }
+    surgeon_fx.compress(gm, plan, calibration=[batch])
+    methods = {r["method"] for r in rewrites(gm) if r["role"] == "mlp_down"}
+    assert "lrd:svd-llm" in methods
+    assert "lrd:svd" not in methods
+    soft = gm(**batch).last_hidden_state
+    assert torch.isfinite(soft).all()
+    surgeon_fx.restore(gm)
+    assert gm.code == code
+
+
+def test_restricted_stats_match_kept_channels():
+    x = random_inputs(30, 6, seed=4)
+    kept = [0, 2, 5]
+    restricted = stats_of(x).restrict(kept)
+    direct = stats_of(x[:, kept])
+    torch.testing.assert_close(restricted.xtx, direct.xtx)
+    torch.testing.assert_close(restricted.channel_norms, direct.channel_norms)
+    assert restricted.tokens == direct.tokens

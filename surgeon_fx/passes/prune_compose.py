@@ -14,7 +14,7 @@ from torch import fx
 
 from ..analysis import Analysis, find_linear_sites
 from ..errors import PlanError
-from ..plan import CALIBRATED_METHODS, LRDAction, Plan
+from ..plan import LRDAction, Plan
 from .decompose_linear import decompose_linear
 from .manager import PassResult, Rewriter
 from .prune_channels import prune_channels
@@ -31,6 +31,7 @@ def prune_passes(plan: Plan, analysis: Analysis, lrd_actions: list[LRDAction], *
     if getattr(plan, "sequential", False):
         raise PlanError("a sequential plan cannot prune; run the prune rules in a separate compress() call")
     selection = plan.resolve_prune(analysis, stats)
+    stats = _pruned_stats(selection, stats)
     lrd_actions = _resolve_after_prune(plan, analysis, selection, lrd_actions, stats)
     passes = [("prune_channels", prune_channels(selection, hard=hard))]
     if any(a.rank is not None for a in lrd_actions):
@@ -38,15 +39,25 @@ def prune_passes(plan: Plan, analysis: Analysis, lrd_actions: list[LRDAction], *
     return passes
 
 
+def _pruned_stats(selection: PruneSelection, stats):
+    """Restrict each site's input statistics to the input channels that pruning keeps.
+
+    NOTE: exact for pruned MLP neurons and heads, whose kept inputs do not change.
+    Hidden-size pruning also changes the values of the kept channels (norms see
+    fewer channels), so there the restricted statistics are an approximation.
+    """
+    if not stats or not selection:
+        return stats
+    restricted = dict(stats)
+    for (path, axis), kept in selection.site_indices.items():
+        if axis == "in" and path in restricted:
+            restricted[path] = restricted[path].restrict(kept)
+    return restricted
+
+
 def _resolve_after_prune(plan, analysis, selection: PruneSelection, actions, stats) -> list[LRDAction]:
     if not plan.lrd or not selection:
         return actions
-    for action in actions:
-        if action.site.path in selection.sites and action.method in CALIBRATED_METHODS:
-            raise PlanError(
-                f"lrd rule {action.rule_index}: method {action.method!r} uses calibration statistics of "
-                f"the unpruned model and cannot decompose the pruned site {action.site.path}; use 'svd'"
-            )
     pruned_sites = []
     for site in analysis.sites:
         if site.path in selection.sites:
