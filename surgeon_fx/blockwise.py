@@ -211,14 +211,10 @@ def _record_calls(model: nn.Module, targets: dict, args: tuple, kwargs: dict) ->
     handles = [
         model.get_submodule(path).register_forward_pre_hook(recorder(path), with_kwargs=True) for path in targets
     ]
+    from .capture import check_forward_runs  # capture imports this module
+
     try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001
-        raise CaptureError(
-            f"the forward of {type(model).__name__} raised {type(err).__name__}: "
-            f"{_first_line(err)}; check that args and kwargs are inputs the model accepts"
-        ) from err
+        check_forward_runs(model, args, kwargs)
     finally:
         for handle in handles:
             handle.remove()

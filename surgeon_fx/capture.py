@@ -88,7 +88,7 @@ def capture(
     with _cache_disabled(model):
         if strategy == "blockwise":
             return capture_blockwise(model, args, kwargs, reason="strategy='blockwise' was requested")
-        _check_forward_runs(model, args, kwargs)
+        check_forward_runs(model, args, kwargs)
         try:
             return _export(model, args, kwargs, dynamic)
         except Exception as err:  # noqa: BLE001 - any export failure falls through to tracing
@@ -235,7 +235,8 @@ class _cache_disabled:
             self.config.use_cache = self.previous
 
 
-def _check_forward_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+def check_forward_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Run ``model`` once on the example inputs, raising CaptureError if it fails."""
     try:
         with torch.no_grad():
             model(*args, **kwargs)
