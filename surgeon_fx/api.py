@@ -30,7 +30,7 @@ def compress(
     stats: CalibrationStats | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> fx.GraphModule:
-    """Compress ``gm`` in place as ``plan`` says, and return it.
+    """Compress ``gm`` in place as ``plan`` specifies, and return it.
 
     Soft compression (``hard=False``) keeps the originals in the journal so that
     :func:`restore` gives them back bit for bit, and the new factors are trainable.
@@ -119,8 +119,8 @@ def compress(
 def _decompose_sequentially(gm: fx.GraphModule, actions: list, calibration: list | None) -> None:
     """Decompose one block at a time, calibrating it on the compressed blocks' outputs.
 
-    Ranks were fixed beforehand (on statistics of the original model, so a budget is
-    allocated once); only the factors of each block see the new inputs.
+    Ranks were fixed beforehand on statistics of the original model, so a budget is
+    allocated once. Only the factors of each block see the new inputs.
     """
     if calibration is None:
         raise PlanError("a sequential plan needs calibration=batches of model inputs")

@@ -69,7 +69,7 @@ def allocate_ranks(
         if step is not None:
             heapq.heappush(heap, step)
     result: dict[LinearSite, int | None] = {}
-    # A site at its dense rank is left dense: ranks[site] holds that rank.
+    # A site whose rank reached its dense rank is left dense (rank None).
     for site, rank in ranks.items():
         if rank == 0:
             raise PlanError(

@@ -1,9 +1,10 @@
 """The main job on the real all-MiniLM-L6-v2 model: ``python -m surgeon_fx.demo``.
 
-Steps: capture the model, print the analysis, decompose every attention and MLP
-linear to keep 50% of its weights, print what changed, measure the fidelity of
-sentence embeddings and the latency against the original, then restore and check
-that every tensor and the generated code are bit for bit the original.
+The demo captures the model, prints the analysis and decomposes every attention
+and MLP linear to keep 50% of its weights. It prints what changed and measures
+the fidelity of sentence embeddings and the latency against the original. Then it
+restores the model and checks that every tensor and the generated code are bit for
+bit the original.
 """
 
 from __future__ import annotations

@@ -408,8 +408,7 @@ def _factor(weight, bias, rank: int, method: str, site_stats: SiteStats | None) 
 def _kept_stats(stats: SiteStats | None, in_idx: list[int] | None) -> SiteStats | None:
     if stats is None or in_idx is None:
         return stats
-    idx = torch.tensor(in_idx)
-    return SiteStats(stats.xtx[idx][:, idx], stats.sq_sum[idx], stats.abs_sum[idx], stats.tokens)
+    return stats.restrict(in_idx)
 
 
 def _embed_factors(small: LinearLRD, shape, out_idx, in_idx, bias) -> LinearLRD:

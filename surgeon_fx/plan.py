@@ -49,7 +49,7 @@ _PRUNE_KEYS = set(_SELECTOR_KEYS) | {"unit", "ratio", "criterion", "seed", "roun
 
 @dataclass(frozen=True)
 class Selector:
-    """Which sites a rule applies to; ``None`` means any."""
+    """The sites a rule applies to. A selector left at ``None`` matches any site."""
 
     roles: tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None

@@ -1,7 +1,7 @@
 """The pass manager and its journal of inverse rewrites.
 
 Every change to a graph module goes through :class:`PassManager.run`. Before a pass
-runs, the manager snapshots the graph; while it runs, the pass swaps submodules only
+runs, the manager snapshots the graph. While it runs, the pass swaps submodules only
 through :class:`Rewriter`, which records what was at each path. The snapshot and
 the recorded modules are the pass's inverse. :func:`undo` applies inverses last-in
 first-out, which is how both rollback after a failure and ``restore`` work.
@@ -37,7 +37,7 @@ class ModuleSwap:
 
 @dataclass
 class JournalEntry:
-    """What one pass changed, and the inverse that undoes it while ``hard`` is False."""
+    """A record of one pass: its changes, and the inverse that undoes them while ``hard`` is False."""
 
     pass_name: str
     graph_before: fx.Graph | None
@@ -89,7 +89,7 @@ class Rewriter:
 
 @dataclass
 class PassResult:
-    """What a pass returns: the graph module and whether it changed."""
+    """The result of a pass: the graph module and whether it changed."""
 
     gm: fx.GraphModule
     modified: bool
