@@ -309,7 +309,7 @@ def export_quietly(model: nn.Module, args: tuple, **options: Any) -> torch.expor
     finally:
         text = buffer.getvalue()
         if graph is not None:
-            text = text.replace(f"{graph}\n", "", 1)
+            text = text.replace(f"{graph}\n", "")  # torch 2.13 prints it twice
             logger.debug("partial graph of the failed torch.export of %s:\n%s", type(model).__name__, graph)
         sys.stderr.write(text)
 
