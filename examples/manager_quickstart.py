@@ -46,8 +46,6 @@ def main(directory: str) -> None:
     print("dense continuation:", greedy(model, ids))
 
     # One value per decoder layer. "full" keeps a layer's rank; a ratio of 0 prunes nothing.
-    # The hidden size (skip connections) can only be pruned on a captured graph module,
-    # so it stays at 0 for this live model.
     config = CompressionConfig(
         pruning_ratio_lists={
             "sa_qkv": [0.0, 0.25, 0.25, 0.5],  # fraction of attention heads removed
@@ -59,7 +57,7 @@ def main(directory: str) -> None:
             "mlp_up": [32, 32, 24, 24],
             "mlp_down": [32, 32, 24, 24],
         },
-        pruning_ratio_skip_connections=0.0,
+        pruning_ratio_skip_connections=0.1,  # fraction of the hidden size removed
     )
     manager = CompressionSchemesManager(model, config, (ids,))
     manager.apply_all(hard=False)

@@ -7,7 +7,8 @@ the schemes, generates from an image, and restores the original model.
 
 Qwen2.5-VL does not export as one graph, so surgeon_fx records the inputs of each
 block during one run on the example image, exports every block alone and
-analyses those graphs (run with logging at INFO level to see why).
+analyses those graphs (run with logging at INFO level to see why). The residual
+stream between the blocks is followed through the same run.
 
 Run: python examples/qwen2_5_vl_quickstart.py
 """
@@ -72,12 +73,9 @@ def main() -> None:
             "vision": {"sa_out": ["full", 8], "mlp_down": [16, 16]},
             "text": {"sa_out": [16, "full"], "mlp_down": [32, 24]},
         },
-        # The original quick start removes 10% of the hidden size here. The live path
-        # prunes linear layers only, and the hidden size also sizes norms, embeddings
-        # and the vision patch embedding, which blockwise capture does not even see:
-        # each block is a separate graph. A value of 0.1 raises PlanError before any
-        # change, so the hidden size stays as it is.
-        pruning_ratio_skip_connections=0.0,
+        # Remove 10% of the hidden size of each tower: the residual stream, with the
+        # embeddings, norms, patch merger and output head that read or write it.
+        pruning_ratio_skip_connections=0.1,
     )
     manager = CompressionSchemesManager(model, config, (), inputs)
     manager.apply_all(hard=False)

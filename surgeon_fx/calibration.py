@@ -12,7 +12,9 @@ Padding tokens are left out when a batch carries an ``attention_mask``. Memory i
 ``O(n^2)`` per site whatever the number of batches.
 
 To record inputs, a recorder node is inserted before each site's node and erased
-afterwards, so ``gm.code`` and the analysis's node references stay valid.
+afterwards, so ``gm.code`` and the analysis's node references stay valid. A
+blockwise capture cannot run the model, so its sites are recorded on the live
+model instead, by forward pre-hooks on the modules at the sites' paths.
 """
 
 from __future__ import annotations
@@ -142,26 +144,40 @@ def calibrate(
     batches: Iterable[Any],
     sites: list[LinearSite],
     progress: Callable[[int], None] | None = None,
+    *,
+    model: nn.Module | None = None,
 ) -> CalibrationStats:
     """Run ``batches`` through ``gm`` and return input statistics of ``sites``.
 
     A batch is a dict of keyword inputs, a tuple of positional inputs or a tensor.
+    With ``model`` (the live model ``gm`` was captured from), the batches run
+    through ``model`` and hooks record the sites' inputs; a blockwise capture needs
+    this.
 
     Raises:
         PlanError: no batch was given, or a batch does not fit the model's inputs.
     """
     stats = CalibrationStats({site.path: SiteStats.empty(site.in_features) for site in sites})
     context: dict[str, Any] = {}
-    recorders = _insert_recorders(gm, sites, stats, context)
+    if model is None:
+        recorders = _insert_recorders(gm, sites, stats, context)
+        target: nn.Module = gm
+    else:
+        handles = _hook_recorders(model, sites, stats, context)
+        target = model
     count = 0
     try:
         with torch.no_grad():
             for count, batch in enumerate(batches, start=1):
-                _run_batch(gm, batch, count - 1, context)
+                _run_batch(target, batch, count - 1, context)
                 if progress is not None:
                     progress(count)
     finally:
-        _remove_recorders(gm, sites, recorders)
+        if model is None:
+            _remove_recorders(gm, sites, recorders)
+        else:
+            for handle in handles:
+                handle.remove()
     if count == 0:
         raise PlanError("the calibration set is empty; pass at least one batch of model inputs")
     logger.info("calibrated %d sites on %d batches", len(sites), count)
@@ -181,6 +197,19 @@ def _insert_recorders(gm, sites, stats, context) -> list[fx.Node]:
     return recorders
 
 
+def _hook_recorders(model: nn.Module, sites, stats, context) -> list:
+    def hook_for(recorder: _Recorder):
+        def hook(module: nn.Module, args: tuple) -> None:
+            recorder(args[0])
+
+        return hook
+
+    return [
+        model.get_submodule(site.path).register_forward_pre_hook(hook_for(_Recorder(stats[site.path], context)))
+        for site in sites
+    ]
+
+
 def _remove_recorders(gm, sites, recorders) -> None:
     for site, recorder in zip(sites, recorders):
         site.node.replace_input_with(recorder, site.input)
@@ -189,7 +218,7 @@ def _remove_recorders(gm, sites, recorders) -> None:
     gm.recompile()
 
 
-def _run_batch(gm: fx.GraphModule, batch: Any, index: int, context: dict[str, Any]) -> None:
+def _run_batch(gm: nn.Module, batch: Any, index: int, context: dict[str, Any]) -> None:
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
     context["mask"] = mask
     try:

@@ -37,6 +37,7 @@ from .calibration import SiteStats, calibrate
 from .capture import capture
 from .errors import PlanError, RestoreError, SurgeonError, SurgeonWarning
 from .layers import LinearLRD, lrd_num_params
+from .live_hidden import HIDDEN_ATTRS, KeptChannelNorm, MaskedChannels, hidden_changes, norm_paths
 from .lrd_methods import factor, input_transform
 from .plan import Plan
 
@@ -87,6 +88,10 @@ class MaskedLinear(nn.Module):
             return LinearLRD.from_factors(u, v, bias)
         weight = _take(_take(_dense(inner).detach(), out_idx, 0), in_idx, 1)
         return _linear(weight, bias)
+
+
+# Soft modules that become smaller ones when the compression is made hard.
+_SOFT_PRUNED = (MaskedLinear, KeptChannelNorm, MaskedChannels)
 
 
 @dataclass
@@ -173,8 +178,10 @@ def compress_model(
     gm = capture_for_analysis(model, args, kwargs, calibration is not None)
     analysis = analyze(gm)
     plan = resolve_plan(plan, analysis)
-    stats = calibrate_plan(gm, analysis, plan, calibration)
-    return apply_plan(model, analysis, plan, stats, args, kwargs, hard=hard)
+    join_hidden_groups(model, analysis, plan, args, kwargs)
+    calibration = None if calibration is None else list(calibration)
+    stats = calibrate_plan(gm, analysis, plan, calibration, model)
+    return apply_plan(model, analysis, plan, stats, args, kwargs, hard=hard, calibration=calibration)
 
 
 def capture_for_analysis(model: nn.Module, args: tuple, kwargs: dict, calibrated: bool) -> fx.GraphModule:
@@ -183,19 +190,25 @@ def capture_for_analysis(model: nn.Module, args: tuple, kwargs: dict, calibrated
     Static shapes export in about half the time of dynamic ones (0.9 s against 2.1 s
     for a 2-layer Llama on 2 CPU cores), and only calibration runs the graph at other
     input sizes. A model that does not export whole is captured blockwise.
-
-    Raises:
-        PlanError: calibration was requested for a blockwise capture, whose joined
-            graph cannot run the model on calibration batches.
     """
-    gm = capture(model, args, kwargs, dynamic=calibrated)
-    if calibrated and is_blockwise(gm):
-        # TODO: calibrate blockwise captures by recording each block's inputs per batch.
-        raise PlanError(
-            f"{type(model).__name__} was captured block by block, and calibration (for 'svd-llm' "
-            "and 'asvd') needs a graph of the whole model; use method 'svd' for this model"
-        )
-    return gm
+    return capture(model, args, kwargs, dynamic=calibrated)
+
+
+def join_hidden_groups(model: nn.Module, analysis: Analysis, plan: Plan, args: tuple, kwargs: dict) -> None:
+    """Put the towers' joined hidden-size groups into ``analysis`` when ``plan`` prunes the hidden size.
+
+    The groups of a blockwise capture stop at each block's inputs; this joins them
+    from one eager run (see :mod:`surgeon_fx.residual`). Nothing happens for a
+    whole capture, or when the plan has no ``"hidden"`` rule.
+    """
+    if not is_blockwise(analysis.gm) or not any(rule.unit == "hidden" for rule in plan.prune):
+        return
+    if any(group.unit == "hidden" and group.norm_modules for group in analysis.groups):
+        return  # joined already
+    from .residual import blockwise_hidden_groups
+
+    joined = blockwise_hidden_groups(model, analysis, args, kwargs)
+    analysis.replace_groups("hidden", joined)
 
 
 def resolve_plan(plan: Any, analysis: Analysis) -> Plan:
@@ -204,28 +217,46 @@ def resolve_plan(plan: Any, analysis: Analysis) -> Plan:
     return plan.to_plan(analysis) if hasattr(plan, "to_plan") else plan
 
 
-def calibrate_plan(gm: fx.GraphModule, analysis: Analysis, plan: Plan, calibration: Iterable[Any] | None):
-    """Return input statistics of the sites the plan's rules select, or ``None`` without batches."""
+def calibrate_plan(
+    gm: fx.GraphModule, analysis: Analysis, plan: Plan, calibration: Iterable[Any] | None, model: nn.Module | None = None
+):
+    """Return input statistics of the sites the plan's rules select, or ``None`` without batches.
+
+    A blockwise capture cannot run the model, so its statistics are recorded on
+    ``model``, the live model it was captured from.
+    """
     if calibration is None:
         return None
-    return calibrate(gm, list(calibration), plan.calibrated_sites(analysis))
+    live = model if is_blockwise(gm) else None
+    return calibrate(gm, list(calibration), plan.calibrated_sites(analysis), model=live)
 
 
 def apply_plan(
     model: nn.Module, analysis: Analysis, plan: Plan, stats, args: tuple, kwargs: dict, *, hard: bool,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, calibration: list | None = None,
 ) -> nn.Module:
     """Swap the modules that ``plan`` specifies into ``model``, given its analysis; see :func:`compress_model`.
 
     ``analysis`` must come from a capture of ``model`` with its current modules.
     ``progress`` is called with ``(sites built, sites to build)`` after each new module.
+    A sequential plan needs the ``calibration`` batches, which it runs once per layer.
     """
-    changes = _resolve(model, analysis, plan, stats, progress)
+    if plan.sequential:
+        changes, selection = _apply_sequentially(model, analysis, plan, stats, calibration, progress), None
+    else:
+        changes, selection = _resolve(model, analysis, plan, stats, progress)
+        for change in changes:
+            change.previous = _swap(model, change.path, change.soft_module)
     journal = LiveJournal(plan=plan.to_dict(), rewrites=[c.row for c in changes])
-    for change in changes:
-        journal.swaps.append(ModuleSwap(change.path, _swap(model, change.path, change.soft_module)))
-    journal.edits = _attribute_edits(model, analysis, changes, journal.notes)
+    journal.swaps = [ModuleSwap(c.path, c.previous) for c in changes]
+    journal.edits = _attribute_edits(model, analysis, changes, journal.notes, selection)
     model.__dict__[JOURNAL_ATTR] = journal
+    if selection is not None and selection.kept_hidden() is not None:
+        try:
+            _check_removed_channels_zero(model, changes, args, kwargs)
+        except Exception:
+            restore_model(model)
+            raise
     if hard:
         _make_permanent(model, journal, args, kwargs, undo_all_on_failure=True)
     logger.info("compressed %d sites of %s (%s)", len(changes), type(model).__name__, journal.state)
@@ -245,18 +276,21 @@ def make_permanent(model: nn.Module, args: Any = (), kwargs: dict | None = None)
     return _compress_again(model, journal, args, kwargs, hard=True)
 
 
-def preview(analysis: Analysis, plan: Plan, stats=None, *, live: bool = True) -> list[dict[str, Any]]:
+def preview(analysis: Analysis, plan: Plan, stats=None, *, model: nn.Module | None = None) -> list[dict[str, Any]]:
     """Return the rows (site, method, rank or ratio, parameters) ``plan`` would give, changing nothing.
 
-    With ``live=False`` (a graph module) hidden-size pruning is allowed.
+    ``model`` is the live model the plan is for, which hidden-size pruning reads
+    norms and embeddings from; leave it out for a graph module.
     """
-    actions, selection = _resolve_actions(analysis, plan, stats, live=live)
+    actions, selection = _resolve_actions(analysis, plan, stats, source=model)
     indices = selection.site_indices if selection else {}
     rows = []
     for site in analysis.sites:
         out_idx, in_idx = indices.get((site.path, "out")), indices.get((site.path, "in"))
         if site.path in actions or out_idx is not None or in_idx is not None:
             rows.append(_row(site, actions.get(site.path), out_idx, in_idx, selection))
+    if model is not None and selection:
+        rows += [change.row for change in hidden_changes(model, selection, build=False)]
     return rows
 
 
@@ -310,12 +344,13 @@ def example_inputs(model: nn.Module, args: Any, kwargs: dict | None) -> tuple[tu
 
 @dataclass
 class _Change:
-    """The new module of one site: soft (same size) and hard (kept channels only)."""
+    """The soft module of one site, or (``site`` is ``None``) of a norm or embedding."""
 
     path: str
-    site: LinearSite
+    site: LinearSite | None
     soft_module: nn.Module
     row: dict[str, Any]
+    previous: nn.Module | None = None  # the module it replaced, once swapped in
 
 
 def _as_plan(plan: Any) -> Any:
@@ -323,23 +358,54 @@ def _as_plan(plan: Any) -> Any:
     return plan if hasattr(plan, "to_plan") else Plan.coerce(plan)
 
 
-def _resolve_actions(analysis: Analysis, plan: Plan, stats, *, live: bool = True):
+def _apply_sequentially(model, analysis: Analysis, plan: Plan, stats, calibration, progress) -> list[_Change]:
+    """Decompose one layer at a time, each calibrated on the outputs of the layers before it.
+
+    The layers of each tower go in order, and sites outside every layer last. Ranks
+    are fixed beforehand from ``stats`` of the original model, so a budget is
+    allocated once; only the factors see the compressed layers' outputs. On failure
+    every swapped module goes back.
+    """
+    if calibration is None:
+        raise PlanError("a sequential plan needs calibration=batches of model inputs")
+    actions = [a for a in plan.resolve_lrd(analysis, stats=stats) if a.rank is not None]
+    towers = {tower: index for index, tower in enumerate(dict.fromkeys(s.tower for s in analysis.sites))}
+    groups: dict[tuple, list] = {}
+    for action in actions:
+        site = action.site
+        groups.setdefault((site.layer is None, towers[site.tower], site.layer or 0), []).append(action)
+    changes: list[_Change] = []
+    try:
+        for key in sorted(groups):
+            todo = groups[key]
+            layer_stats = calibrate(analysis.gm, calibration, [a.site for a in todo], model=model)
+            for action in todo:
+                site = action.site
+                soft = _build_soft(_live_linear(model, site), site, action, None, None, layer_stats)
+                change = _Change(site.path, site, soft, _row(site, action, None, None, None))
+                change.previous = _swap(model, site.path, soft)
+                changes.append(change)
+                if progress is not None:
+                    progress(len(changes), len(actions))
+    except Exception:
+        for change in reversed(changes):
+            _swap(model, change.path, change.previous)
+        raise
+    return changes
+
+
+def _resolve_actions(analysis: Analysis, plan: Plan, stats, *, source: nn.Module | None = None):
     actions = {a.site.path: a for a in plan.resolve_lrd(analysis, stats=stats) if a.rank is not None}
-    selection = plan.resolve_prune(analysis, stats) if plan.prune else None
-    if live and selection is not None and selection.param_indices:
-        params = sorted({path for path, _ in selection.param_indices})
-        raise PlanError(
-            f"pruning the hidden size changes the parameters {params[:3]} besides linear layers, "
-            "which compress_model() does not support on a live model; capture the model and call "
-            "surgeon_fx.compress() on the graph module, or remove the 'hidden' prune rule "
-            "(pruning_ratio_skip_connections in a CompressionConfig)"
-        )
+    selection = plan.resolve_prune(analysis, stats, source) if plan.prune else None
     return actions, selection
 
 
-def _resolve(model: nn.Module, analysis: Analysis, plan: Plan, stats, progress=None) -> list[_Change]:
-    """Validate the plan against the analysis and the live modules; build every new module."""
-    actions, selection = _resolve_actions(analysis, plan, stats)
+def _resolve(model: nn.Module, analysis: Analysis, plan: Plan, stats, progress=None):
+    """Validate the plan against the analysis and the live modules; build every new module.
+
+    Returns the changes and the prune selection (``None`` without prune rules).
+    """
+    actions, selection = _resolve_actions(analysis, plan, stats, source=model)
     indices = selection.site_indices if selection else {}
     paths = [s.path for s in analysis.sites if s.path in actions or (s.path, "out") in indices or (s.path, "in") in indices]
     changes = []
@@ -352,7 +418,9 @@ def _resolve(model: nn.Module, analysis: Analysis, plan: Plan, stats, progress=N
         changes.append(_Change(path, site, soft, _row(site, action, out_idx, in_idx, selection)))
         if progress is not None:
             progress(len(changes), len(paths))
-    return changes
+    if selection:
+        changes += [_Change(c.path, None, c.soft_module, c.row) for c in hidden_changes(model, selection)]
+    return changes, selection
 
 
 def _live_linear(model: nn.Module, site: LinearSite) -> nn.Module:
@@ -446,9 +514,11 @@ def _row(site, action, out_idx, in_idx, selection) -> dict[str, Any]:
 # --- Head and neuron counts after hard pruning -----------------------------------------
 
 
-def _attribute_edits(model: nn.Module, analysis: Analysis, changes: list[_Change], notes: list[str]) -> list[AttributeEdit]:
+def _attribute_edits(
+    model: nn.Module, analysis: Analysis, changes: list[_Change], notes: list[str], selection=None
+) -> list[AttributeEdit]:
     """Return the attribute edits that make hard-pruned modules and ``model.config`` agree."""
-    shapes = {c.path: _hard_shape(c) for c in changes}
+    shapes = {c.path: _hard_shape(c) for c in changes if c.site is not None}
     edits: list[AttributeEdit] = []
     heads = {}
     for op in analysis.attention:
@@ -472,7 +542,55 @@ def _attribute_edits(model: nn.Module, analysis: Analysis, changes: list[_Change
             neurons[site.path] = shapes[site.path][1]
             edits += _edits_on(model, site.path.rpartition(".")[0], {"intermediate_size": shapes[site.path][1]})
     edits += _config_edits(model, analysis, heads, neurons, notes)
+    if selection is not None:
+        edits += _hidden_edits(model, selection)
     return edits
+
+
+def _hidden_edits(model: nn.Module, selection) -> list[AttributeEdit]:
+    """Return edits of the hidden sizes held by the modules around a pruned stream and by its config.
+
+    A module that owns a changed one (or is one) gets the kept size in each attribute
+    equal to ``hidden``, or to ``m * hidden`` where a patch merger folds ``m`` tokens
+    into one input.
+    """
+    edits: list[AttributeEdit] = []
+    for action in selection.actions:
+        group = action.group
+        if group.unit != "hidden":
+            continue
+        size, kept = group.size, len(action.kept)
+        paths = {slot.target if slot.kind == "site" else slot.target.rpartition(".")[0] for slot in group.slots}
+        paths.update(norm_paths(group))
+        folds = {1} | {sum(1 for s in group.slots if s.target == slot.target and s.axis == "in")
+                       for slot in group.slots if slot.kind == "site"}
+        owners = {path.rsplit(".", depth)[0] for path in paths for depth in range(path.count(".") + 1)}
+        for owner in sorted(owners):
+            module = model.get_submodule(owner)
+            values = {}
+            for name in HIDDEN_ATTRS:
+                value = module.__dict__.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value % size == 0 and value // size in folds:
+                    values[name] = value // size * kept
+            edits += _edits_on(model, owner, values)
+        target, config = _tower_config(model, group.tower)
+        if config is not None:
+            for name in HIDDEN_ATTRS:
+                if getattr(config, name, None) == size:
+                    edits.append(AttributeEdit(target, name, size, kept))
+    return edits
+
+
+def _tower_config(model: nn.Module, tower: str | None):
+    """Return ``(edit target, config)`` of a tower: ``vision_config`` for ``"vision"``, and so on."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return CONFIG_TARGET, None
+    wanted = {"vision": ("vision_config",), "audio": ("audio_config",)}.get(tower, ("text_config",))
+    for name in wanted:
+        if name in vars(config) and hasattr(vars(config)[name], "to_dict"):
+            return f"{CONFIG_TARGET}.{name}", vars(config)[name]
+    return CONFIG_TARGET, config if tower in (None, "text") else None
 
 
 def _hard_shape(change: _Change) -> tuple[int, int]:
@@ -505,34 +623,39 @@ def _edits_on(model: nn.Module, owner: str, values: dict[str, int]) -> list[Attr
 
 
 def _config_edits(model, analysis: Analysis, heads: dict, neurons: dict, notes: list[str]) -> list[AttributeEdit]:
-    """Return edits of ``model.config``, which has one count for all layers.
+    """Return edits of the config of each tower, which has one count for all its layers.
 
-    The counts are written only when every layer ends with the same count.
+    A tower's counts are written only when every layer of it ends with the same
+    count. A multimodal model keeps them in ``vision_config`` and ``text_config``.
     """
-    config = getattr(model, "config", None)
-    if config is None:
-        return []
+    towers = list(dict.fromkeys(op.tower for op in analysis.attention))
+    towers += [s.tower for s in analysis.sites if s.role == "mlp_down" and s.tower not in towers]
     edits = []
-    # NOTE: counts are compared across all towers and written to the top-level config
-    # only. A multimodal config (Qwen2.5-VL) keeps them in vision_config and
-    # text_config, which stay unpruned; the modules carry the pruned counts.
-    counts = {heads.get(op, (op.num_heads, op.num_kv_heads)) for op in analysis.attention}
-    if heads and len(counts) == 1:
-        q_heads, kv_heads = counts.pop()
-        head_dim = next(iter(heads)).head_dim
-        values = {"num_attention_heads": q_heads, "num_key_value_heads": kv_heads, "head_dim": head_dim}
-        edits += _config_values(config, values)
-    elif heads:
-        notes.append(_per_layer_note("head", sorted((op.layer, c) for op, c in heads.items())))
-    sizes = {neurons.get(s.path, s.in_features) for s in analysis.sites if s.role == "mlp_down"}
-    if neurons and len(sizes) == 1:
-        edits += _config_values(config, {"intermediate_size": sizes.pop()})
-    elif neurons:
-        notes.append(_per_layer_note("MLP neuron", sorted(neurons.items())))
+    for tower in towers:
+        target, config = _tower_config(model, tower if len(towers) > 1 else None)
+        if config is None:
+            continue
+        ops = [op for op in analysis.attention if op.tower == tower]
+        pruned = {op: counts for op, counts in heads.items() if op.tower == tower}
+        counts = {pruned.get(op, (op.num_heads, op.num_kv_heads)) for op in ops}
+        if pruned and len(counts) == 1:
+            q_heads, kv_heads = counts.pop()
+            values = {"num_attention_heads": q_heads, "num_heads": q_heads, "num_key_value_heads": kv_heads,
+                      "head_dim": next(iter(pruned)).head_dim}
+            edits += _config_values(config, target, values)
+        elif pruned:
+            notes.append(_per_layer_note("head", sorted((op.layer, c) for op, c in pruned.items()), target))
+        downs = [s for s in analysis.sites if s.role == "mlp_down" and s.tower == tower]
+        shrunk = {s.path: neurons[s.path] for s in downs if s.path in neurons}
+        sizes = {shrunk.get(s.path, s.in_features) for s in downs}
+        if shrunk and len(sizes) == 1:
+            edits += _config_values(config, target, {"intermediate_size": sizes.pop()})
+        elif shrunk:
+            notes.append(_per_layer_note("MLP neuron", sorted(shrunk.items()), target))
     return edits
 
 
-def _config_values(config, values: dict[str, int]) -> list[AttributeEdit]:
+def _config_values(config, target: str, values: dict[str, int]) -> list[AttributeEdit]:
     """Return edits of ``config``; ``head_dim`` is always written, since configs without it
     derive it as ``hidden_size // num_attention_heads``, which pruning heads would change."""
     edits = []
@@ -541,16 +664,17 @@ def _config_values(config, values: dict[str, int]) -> list[AttributeEdit]:
             continue
         before = getattr(config, name, None)
         if before != after:
-            edits.append(AttributeEdit(CONFIG_TARGET, name, before, after))
+            edits.append(AttributeEdit(target, name, before, after))
     return edits
 
 
-def _per_layer_note(what: str, counts: list) -> str:
+def _per_layer_note(what: str, counts: list, target: str) -> str:
     # NOTE: a Hugging Face config has one count for all layers, so per-layer counts
     # live only on the modules. Code that rebuilds a layer from model.config (or
     # preallocates a static cache) reads the unpruned count.
+    config = target.replace(CONFIG_TARGET, "model.config", 1)
     return (
-        f"hard pruning left different {what} counts per layer {counts}; model.config keeps the "
+        f"hard pruning left different {what} counts per layer {counts}; {config} keeps the "
         "unpruned count and the modules carry their own. Save with surgeon_fx.save(), which "
         "records the per-layer structure"
     )
@@ -586,14 +710,14 @@ def _make_permanent(model, journal: LiveJournal, args, kwargs, *, undo_all_on_fa
     proves the model's code reads the new head and neuron counts. On failure the
     soft state comes back, or with ``undo_all_on_failure`` the original model.
     """
-    pruned = any(isinstance(model.get_submodule(s.path), MaskedLinear) for s in journal.swaps)
+    pruned = any(isinstance(model.get_submodule(s.path), _SOFT_PRUNED) for s in journal.swaps)
     replaced: list[tuple[str, nn.Module]] = []
     applied: list[AttributeEdit] = []
     try:
         reference = _run_example(model, args, kwargs) if pruned else None
         for swap in journal.swaps:
             current = model.get_submodule(swap.path)
-            if isinstance(current, MaskedLinear):
+            if isinstance(current, _SOFT_PRUNED):
                 replaced.append((swap.path, _swap(model, swap.path, current.to_hard())))
         for edit in journal.edits:
             _set_attribute(model, edit, edit.after)
@@ -615,6 +739,48 @@ def _make_permanent(model, journal: LiveJournal, args, kwargs, *, undo_all_on_fa
     journal.hard = True
     for note in journal.notes:
         warnings.warn(note, SurgeonWarning, stacklevel=4)
+
+
+def _check_removed_channels_zero(model: nn.Module, changes: list[_Change], args: tuple, kwargs: dict) -> None:
+    """Check, on the example inputs, that the removed hidden channels are zero wherever the stream is read.
+
+    Every norm and every linear layer that reads the pruned stream must see zeros in
+    the removed channels. A non-zero value means that some module writing the stream
+    was not found, so the model would not match its hard-pruned form.
+    """
+    found: list[str] = []
+
+    def check(path: str, removed: torch.Tensor):
+        def hook(module, hook_args) -> None:
+            x = hook_args[0]
+            if not found and removed.numel() and bool(x.index_select(-1, removed.to(x.device)).any()):
+                found.append(path)
+
+        return hook
+
+    handles = []
+    for change in changes:
+        module = change.soft_module
+        if isinstance(module, KeptChannelNorm):
+            kept = set(module.index.tolist())
+            removed = [i for i in range(module.size) if i not in kept]
+        elif change.site is not None and isinstance(module, MaskedLinear) and module.in_mask is not None:
+            removed = (module.in_mask == 0).nonzero().flatten().tolist()
+        else:
+            continue
+        hook = check(change.path, torch.tensor(removed, dtype=torch.long))
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        _run_example(model, args, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        raise PlanError(
+            f"after pruning the hidden size, {found[0]} reads non-zero values in removed channels: some "
+            f"module of {type(model).__name__} that writes the residual stream was not found. Nothing was "
+            "changed; prune the captured graph with surgeon_fx.compress(), or remove the 'hidden' rule"
+        )
 
 
 def _run_example(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -669,9 +835,19 @@ def _main_tensor(output: Any) -> torch.Tensor:
     raise PlanError(f"cannot find a tensor in the model's output of type {type(output).__name__}")
 
 
+def edit_owner(model: nn.Module, target: str) -> Any:
+    """Return the object an edit targets: a submodule, ``model.config`` or one of its sub-configs."""
+    if target == CONFIG_TARGET or target.startswith(f"{CONFIG_TARGET}."):
+        owner = model.config
+        for name in target.split(".")[1:]:
+            owner = getattr(owner, name)
+        return owner
+    return model.get_submodule(target)
+
+
 def _set_attribute(model: nn.Module, edit: AttributeEdit, value: Any) -> None:
     """Set the attribute of ``edit`` to ``value``; ``None`` deletes an attribute the owner lacked."""
-    owner = model.config if edit.target == CONFIG_TARGET else model.get_submodule(edit.target)
+    owner = edit_owner(model, edit.target)
     if value is None and edit.before is None:
         if edit.name in vars(owner):
             delattr(owner, edit.name)

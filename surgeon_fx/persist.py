@@ -19,6 +19,7 @@ safetensors only, never pickle.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -31,15 +32,16 @@ from torch import fx, nn
 from .errors import CheckpointError
 from .layers import LinearLRD
 from .live import (
-    CONFIG_TARGET,
     JOURNAL_ATTR,
     AttributeEdit,
     LiveJournal,
     MaskedLinear,
     ModuleSwap,
     _set_attribute,
+    edit_owner,
     journal_of_model,
 )
+from .live_hidden import KeptChannelNorm, MaskedChannels, shrink
 from .passes.manager import journal_of
 
 logger = logging.getLogger(__name__)
@@ -128,11 +130,11 @@ def _live_structure(model: nn.Module) -> tuple[list, str, Any, dict]:
     sites = []
     for swap in journal.swaps:
         row = rows[swap.path]
-        sites.append({
-            "path": swap.path,
-            "original": {"in_features": row["in_features"], "out_features": row["out_features"], "bias": row["bias"]},
-            "module": _describe(model.get_submodule(swap.path)),
-        })
+        if "shapes" in row:  # a norm, embedding or convolution changed by hidden-size pruning
+            original = {"class": row["class"], "shapes": row["shapes"]}
+        else:
+            original = {"in_features": row["in_features"], "out_features": row["out_features"], "bias": row["bias"]}
+        sites.append({"path": swap.path, "original": original, "module": _describe(model.get_submodule(swap.path))})
     edits = [{"target": e.target, "name": e.name, "before": e.before, "after": e.after} for e in journal.edits]
     return sites, journal.state, journal.plan, {"edits": edits, "notes": journal.notes, "rewrites": journal.rewrites}
 
@@ -162,6 +164,13 @@ def _graph_structure(gm: fx.GraphModule) -> tuple[list, str, Any, dict]:
 
 def _describe(module: nn.Module) -> dict[str, Any]:
     """Return the structure of a module that compression put in, as JSON data."""
+    if isinstance(module, KeptChannelNorm):
+        return {"kind": "kept_norm", "size": module.size, "kept": module.index.numel(), "inner": _describe(module.inner)}
+    if isinstance(module, MaskedChannels):
+        return {"kind": "masked_channels", "size": module.mask.numel(), "dim": module.dim, "inner": _describe(module.inner)}
+    if not isinstance(module, (MaskedLinear, LinearLRD, nn.Linear)):  # a smaller norm, embedding or convolution
+        return {"kind": "resized", "class": type(module).__name__,
+                "shapes": {name: list(p.shape) for name, p in module.named_parameters(recurse=False)}}
     dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
     if isinstance(module, MaskedLinear):
         return {
@@ -182,10 +191,16 @@ def _describe(module: nn.Module) -> dict[str, Any]:
     raise CheckpointError(f"cannot describe a {type(module).__name__} put in by compression; save is out of date")
 
 
-def _build(spec: dict[str, Any], device: torch.device, where: str) -> nn.Module:
-    """Return an empty module of the structure ``spec`` describes."""
+def _build(spec: dict[str, Any], device: torch.device, where: str, base: nn.Module | None = None) -> nn.Module:
+    """Return an empty module of the structure ``spec`` describes.
+
+    ``base`` is the model's module at that path, which a resized norm, embedding or
+    convolution is copied from.
+    """
     try:
         kind = spec["kind"]
+        if kind in ("kept_norm", "masked_channels", "resized"):
+            return _build_resized(spec, where, base)
         dtype = getattr(torch, spec["dtype"])
         in_features, out_features = int(spec["in_features"]), int(spec["out_features"])
         if kind == "lrd":
@@ -200,7 +215,32 @@ def _build(spec: dict[str, Any], device: torch.device, where: str) -> nn.Module:
             return MaskedLinear(inner, in_mask, out_mask)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{MANIFEST}: invalid module structure at {where}: {spec!r} ({err})") from err
-    raise CheckpointError(f"{MANIFEST}: unknown module kind {kind!r} at {where}; expected lrd, linear or masked")
+    raise CheckpointError(
+        f"{MANIFEST}: unknown module kind {kind!r} at {where}; expected lrd, linear, masked, kept_norm, "
+        "masked_channels or resized"
+    )
+
+
+def _build_resized(spec: dict[str, Any], where: str, base: nn.Module) -> nn.Module:
+    """Return a norm, embedding or convolution at the sizes of ``spec``, copied from ``base``."""
+    kind = spec["kind"]
+    if kind == "kept_norm":
+        size, kept = int(spec["size"]), int(spec["kept"])
+        return KeptChannelNorm(_build_resized(spec["inner"], where, base), list(range(kept)), size)
+    if kind == "masked_channels":
+        mask = torch.zeros(int(spec["size"]), dtype=next(base.parameters()).dtype, device=next(base.parameters()).device)
+        return MaskedChannels(copy.deepcopy(base), mask, int(spec["dim"]))
+    params = dict(base.named_parameters(recurse=False))
+    kept_by_param = {}
+    for name, shape in spec["shapes"].items():
+        if name not in params or len(shape) != params[name].dim():
+            raise CheckpointError(f"{MANIFEST}: {where} has no parameter {name!r} of {len(shape)} dims to resize")
+        dims = [d for d in range(len(shape)) if shape[d] != params[name].shape[d]]
+        if len(dims) > 1 or any(shape[d] > params[name].shape[d] for d in dims):
+            raise CheckpointError(f"{MANIFEST}: {where}.{name} cannot be resized to {shape}")
+        if dims:
+            kept_by_param[name] = (dims[0], list(range(shape[dims[0]])))
+    return shrink(base, kept_by_param)
 
 
 # --- Reading and checking -------------------------------------------------------------------
@@ -266,6 +306,15 @@ def _check_original(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
     except AttributeError as err:
         raise CheckpointError(f"site {path!r} of the checkpoint has no module in {type(model).__name__}") from err
     original = entry["original"]
+    if "shapes" in original:
+        shapes = {name: list(p.shape) for name, p in module.named_parameters(recurse=False)}
+        if type(module).__name__ != original["class"] or shapes != original["shapes"]:
+            raise CheckpointError(
+                f"{path!r}: the checkpoint's original module is a {original['class']} with parameters "
+                f"{original['shapes']}, but the model has a {type(module).__name__} with {shapes}; load into "
+                "a model built from the original config"
+            )
+        return module
     in_features = getattr(module, "in_features", None)
     out_features = getattr(module, "out_features", None)
     if type(module).__name__ == "Conv1D":
@@ -313,8 +362,8 @@ def _load_live(manifest: dict[str, Any], weights: dict[str, torch.Tensor], model
     new_modules = {}
     for entry in manifest.get("sites", []):
         original = _check_original(model, entry)
-        device = next(original.parameters()).device
-        new_modules[entry["path"]] = _build(entry["module"], device, entry["path"])
+        device = next(original.parameters(), torch.empty(0)).device
+        new_modules[entry["path"]] = _build(entry["module"], device, entry["path"], original)
     _check_tensors(model, new_modules, weights)
     edits = [AttributeEdit(e["target"], e["name"], e["before"], e["after"]) for e in manifest.get("edits", [])]
     hard = manifest["state"] == "hard"
@@ -346,7 +395,7 @@ def _load_live(manifest: dict[str, Any], weights: dict[str, torch.Tensor], model
 
 def _check_edit(model: nn.Module, edit: AttributeEdit) -> None:
     try:
-        owner = model.config if edit.target == CONFIG_TARGET else model.get_submodule(edit.target)
+        owner = edit_owner(model, edit.target)
     except AttributeError as err:
         raise CheckpointError(f"{MANIFEST} edits {edit.name!r} of {edit.target!r}, which the model lacks") from err
     if getattr(owner, edit.name, None) != edit.before:

@@ -202,6 +202,11 @@ class Plan:
             raise PlanError(f"plan key 'sequential' must be true or false, got {sequential!r}")
         lrd = [_parse_lrd_rule(rule, i) for i, rule in enumerate(_rule_list(data, "lrd"))]
         prune = [_parse_prune_rule(rule, i) for i, rule in enumerate(_rule_list(data, "prune"))]
+        if sequential and prune:
+            raise PlanError(
+                "plan key 'sequential' applies to plans with lrd rules only, and this one has "
+                f"{len(prune)} prune rules; set 'sequential' to false, or prune and decompose in two steps"
+            )
         return cls(lrd=lrd, prune=prune, sequential=sequential)
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,10 +220,11 @@ class Plan:
         rules = [*self.lrd, *self.prune]
         return [s for s in analysis.sites if any(r.selector.matches(s) for r in rules)]
 
-    def resolve_prune(self, analysis: Analysis, stats: dict | None = None):
+    def resolve_prune(self, analysis: Analysis, stats: dict | None = None, source=None):
         """Return the channels to keep in every selected coupling group, validated.
 
-        Returns a :class:`~surgeon_fx.passes.prune_select.PruneSelection`.
+        Returns a :class:`~surgeon_fx.passes.prune_select.PruneSelection`. Weights are
+        read from ``source`` (default: ``analysis.gm``).
 
         Raises:
             PlanError: a rule matches no group, selects only some sites of a group, or
@@ -226,7 +232,7 @@ class Plan:
         """
         from .passes.prune_select import select_channels
 
-        return select_channels(self.prune, analysis, stats)
+        return select_channels(self.prune, analysis, stats, source)
 
     def resolve_lrd(
         self, analysis: Analysis, *, require_match: bool = True, stats: dict | None = None

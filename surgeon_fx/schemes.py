@@ -31,6 +31,7 @@ from .live import (
     calibrate_plan,
     capture_for_analysis,
     example_inputs,
+    join_hidden_groups,
     journal_of_model,
     make_permanent,
     preview,
@@ -121,9 +122,13 @@ class CompressionSchemesManager:
             self._gm = capture_for_analysis(model, self.args, self.kwargs, calibration is not None)
         self._analysis = analyze(self._gm)
         self.plan = resolve_plan(config_or_plan, self._analysis)
+        if not self.graph_mode:
+            join_hidden_groups(model, self._analysis, self.plan, self.args, self.kwargs)
         self._calibration = None if calibration is None else list(calibration)
-        self._stats = calibrate_plan(self._gm, self._analysis, self.plan, self._calibration)
-        self._pending = preview(self._analysis, self.plan, self._stats, live=not self.graph_mode)
+        self._stats = calibrate_plan(
+            self._gm, self._analysis, self.plan, self._calibration, None if self.graph_mode else model
+        )
+        self._pending = preview(self._analysis, self.plan, self._stats, model=None if self.graph_mode else model)
 
     @property
     def state(self) -> str:
@@ -159,7 +164,8 @@ class CompressionSchemesManager:
             from .live import compress_model
 
             return compress_model(self.model, self.plan, self.args, self.kwargs, hard=hard)
-        return apply_plan(self.model, self._analysis, self.plan, self._stats, self.args, self.kwargs, hard=hard)
+        return apply_plan(self.model, self._analysis, self.plan, self._stats, self.args, self.kwargs, hard=hard,
+                          calibration=self._calibration)
 
     def restore_all(self) -> nn.Module:
         """Undo every soft scheme and return the model with its original modules.

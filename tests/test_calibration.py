@@ -7,6 +7,8 @@ on the eager model see, and budgets against the parameter count they promise.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -257,6 +259,44 @@ def test_sequential_journals_each_layer(llama):
     assert gm.code == code
 
 
+def test_sequential_live_model_matches_graph_module(llama):
+    """compress_model runs a sequential plan layer by layer too, with hooks on the live modules."""
+    model, gm, batch = llama
+    plan = {"sequential": True, "lrd": [{"roles": ["mlp_down", "attn_out"], "rank": 8, "method": "svd-llm"}]}
+    surgeon_fx.compress(gm, plan, calibration=[batch])
+    expected = gm(**batch)[0]
+    surgeon_fx.restore(gm)
+    live = copy.deepcopy(model)
+    surgeon_fx.compress_model(live, plan, kwargs=batch, calibration=[batch])
+    with torch.no_grad():
+        torch.testing.assert_close(live(**batch).last_hidden_state, expected, atol=1e-5, rtol=1e-4)
+        one_pass = copy.deepcopy(model)
+        surgeon_fx.compress_model(one_pass, {"lrd": plan["lrd"]}, kwargs=batch, calibration=[batch])
+        assert not torch.allclose(one_pass(**batch).last_hidden_state, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sequential_live_failure_restores_every_layer(llama, monkeypatch):
+    model, _, batch = llama
+    live = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    calls = []
+
+    def calibrate_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the plan's statistics, layer 0, then layer 1 after layer 0 was swapped in
+            raise SurgeonError("injected failure")
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(surgeon_fx.live, "calibrate", calibrate_then_fail)
+    plan = {"sequential": True, "lrd": [{"roles": ["mlp_down"], "rank": 8, "method": "svd-llm"}]}
+    with pytest.raises(SurgeonError, match="injected failure"):
+        surgeon_fx.compress_model(live, plan, kwargs=batch, calibration=[batch])
+    assert len(calls) == 3
+    assert type(live.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert all(torch.equal(before[k], v) for k, v in live.state_dict().items())
+    assert surgeon_fx.live.journal_of_model(live) is None
+
+
 BAD_CALIBRATION = [
     ("empty", {"lrd": [{"rank": 4, "method": "svd-llm"}]}, [], "calibration set is empty"),
     ("wrong keys", {"lrd": [{"rank": 4, "method": "svd-llm"}]}, [{"pixel_values": torch.zeros(1, 3)}],
@@ -265,6 +305,8 @@ BAD_CALIBRATION = [
     ("budget zero", {"lrd": [{"budget": {"params": 0.0}}]}, None, r"must be in \(0, 1\], got 0.0"),
     ("budget above one", {"lrd": [{"budget": {"flops": 1.5}}]}, None, r"must be in \(0, 1\], got 1.5"),
     ("sequential without data", {"sequential": True, "lrd": [{"rank": 4}]}, None, "sequential plan needs"),
+    ("sequential with pruning", {"sequential": True, "lrd": [{"rank": 4}], "prune": [{"unit": "heads", "ratio": 0.5}]},
+     None, "applies to plans with lrd rules only"),
 ]
 
 

@@ -18,6 +18,7 @@ def test_manager_quickstart(tmp_path):
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line and not line[0].isspace())
     assert "state soft" in result.stdout
     assert "model.layers.3.mlp.down_proj" in result.stdout
+    assert "model.embed_tokens" in result.stdout  # the hidden-size pruning
     assert int(lines["hard parameters"]) < int(lines["dense parameters"])
     assert lines["hard continuation"] == lines["soft continuation"]
     assert lines["reloaded continuation"] == lines["hard continuation"]

@@ -15,6 +15,7 @@ from user_models import user_transformer
 import surgeon_fx
 from surgeon_fx import LinearLRD, MaskedLinear, PlanError, RestoreError, SurgeonError, SurgeonWarning
 from surgeon_fx.live import journal_of_model
+from surgeon_fx.live_hidden import KeptChannelNorm, MaskedChannels
 
 MODELS = ["llama", "qwen2"]
 LRD = {"lrd": [{"roles": ["q", "v", "attn_out", "mlp_down"], "rank": 8}]}
@@ -196,12 +197,34 @@ def test_hard_is_permanent():
         surgeon_fx.compress_model(model, LRD, (ids,))
 
 
-def test_hidden_pruning_rejected_on_live_model():
-    model, ids = causal_lm("llama"), token_ids()
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_hidden_pruning_on_live_model(name):
+    model, ids = causal_lm(name), token_ids()
+    before, dense = state_snapshot(model), logits(model, ids)
+    plan = {"prune": [{"unit": "hidden", "ratio": 0.25}]}
+    surgeon_fx.compress_model(model, plan, (ids,))
+    soft = logits(model, ids)
+    assert isinstance(model.model.embed_tokens, MaskedChannels)
+    assert isinstance(model.model.norm, KeptChannelNorm)
+    surgeon_fx.restore_model(model)
+    assert_state_equal(model, before)
+    assert torch.equal(logits(model, ids), dense)
+
+    surgeon_fx.compress_model(model, plan, (ids,), hard=True)
+    torch.testing.assert_close(logits(model, ids), soft, atol=1e-5, rtol=1e-5)
+    assert model.config.hidden_size == 48
+    assert model.model.embed_tokens.weight.shape[1] == 48 and model.lm_head.in_features == 48
+    assert generate(model, ids).shape == (2, ids.shape[1] + 4)
+
+
+def test_hidden_pruning_of_a_class_token_rejected_unchanged():
+    model = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8,
+    )).eval()
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     before = state_snapshot(model)
-    with pytest.raises(PlanError, match="hidden size") as error:
-        surgeon_fx.compress_model(model, {"prune": [{"unit": "hidden", "ratio": 0.25}]}, (ids,))
-    assert "model.embed_tokens.weight" in str(error.value)
+    with pytest.raises(PlanError, match=r"'cls_token' \(dim 2\) of embeddings \(ViTEmbeddings\)"):
+        surgeon_fx.compress_model(model, {"prune": [{"unit": "hidden", "ratio": 0.25}]}, (pixels,))
     assert_state_equal(model, before)
     assert journal_of_model(model) is None
 

@@ -28,7 +28,7 @@ import surgeon_fx
 from surgeon_fx import CaptureError, CompressionConfig, CompressionSchemesManager, PlanError, SurgeonWarning
 from surgeon_fx.analysis.towers import tower_names
 from surgeon_fx.blockwise import BLOCKWISE_META, find_stacks, is_blockwise
-from surgeon_fx.live import journal_of_model
+from surgeon_fx.live import apply_plan, join_hidden_groups, journal_of_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -294,11 +294,13 @@ def test_hard_with_video_matches_soft():
             "lrd": [{"towers": ["vision"], "roles": ["mlp_down"], "rank": 8}]}
     surgeon_fx.compress_model(model, plan, (), inputs)
     soft = logits(model, inputs)
-    with pytest.warns(SurgeonWarning, match="head counts per layer"):
-        # The vision heads are pruned and the text heads are not, which one config count cannot express.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SurgeonWarning)  # one count per tower fits each tower's config
         surgeon_fx.compress_model(model, plan, (), inputs, hard=True)
     torch.testing.assert_close(logits(model, inputs), soft, atol=1e-5, rtol=1e-5)
     assert [block.attn.num_heads for block in model.model.visual.blocks] == [3, 3]
+    assert model.config.vision_config.num_heads == 3
+    assert model.config.text_config.num_attention_heads == 4
     assert model.model.language_model.layers[0].self_attn.q_proj.out_features == 64
 
 
@@ -317,23 +319,159 @@ def test_config_lists_must_match_tower_depth():
         CompressionSchemesManager(model, config, (), visual_inputs(model))
 
 
-def test_skip_connection_pruning_rejected_unchanged():
+# --- Hidden-size (skip-connection) pruning ---------------------------------------------
+
+SKIP = CompressionConfig(
+    pruning_ratio_lists=PER_TOWER.pruning_ratio_lists, lrd_rank_lists=PER_TOWER.lrd_rank_lists,
+    pruning_ratio_skip_connections=0.125,
+)
+
+
+def hidden_groups(model: nn.Module, inputs: dict, ratio: float = 0.125) -> dict:
+    """Return the joined hidden-size group of each tower by name."""
+    gm = surgeon_fx.capture(model, (), inputs)
+    analysis = surgeon_fx.analyze(gm)
+    plan = surgeon_fx.Plan.coerce({"prune": [{"unit": "hidden", "ratio": ratio}]})
+    join_hidden_groups(model, analysis, plan, (), inputs)
+    return {g.tower: g for g in analysis.groups if g.unit == "hidden"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hidden_groups_join_each_towers_stream(kind):
+    model = build(kind)
+    groups = hidden_groups(model, visual_inputs(model))
+    vision, text = groups["vision"], groups["text"]
+    assert (vision.unsupported, text.unsupported) == (None, None)
+    assert (vision.size, text.size) == (32, 64)
+    slots = {str(slot) for slot in vision.slots}
+    # The patch embedding writes the stream; the merger folds 4 patches into one input of 4 * 32.
+    assert "model.visual.patch_embed.proj.weight[0]" in slots
+    merger_in = sorted(s.offset for s in vision.slots if s.target == "model.visual.merger.mlp.0")
+    assert merger_in == [0, 32, 64, 96]
+    assert "model.visual.merger.ln_q" in vision.norm_modules
+    assert {f"model.visual.blocks.{b}.norm{n}" for b in (0, 1) for n in (1, 2)} <= set(vision.norm_modules)
+    # The text stream starts at the token embedding and the merger's output, and ends at the head.
+    slots = {str(slot) for slot in text.slots}
+    assert {"model.language_model.embed_tokens.weight[1]", "model.visual.merger.mlp.2[out]", "lm_head[in]"} <= slots
+    assert "model.language_model.norm" in text.norm_modules
+    assert not any(path.startswith("model.visual.blocks") for path in text.norm_modules)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_skip_connection_pruning_soft_restore_hard(kind, tmp_path):
+    model = build(kind)
+    inputs = visual_inputs(model)
+    before, dense = state_snapshot(model), logits(model, inputs)
+    manager = CompressionSchemesManager(model, SKIP, (), inputs)
+    manager.apply_all(hard=False)
+    soft = logits(model, inputs)
+    assert torch.isfinite(soft).all() and not torch.equal(soft, dense)
+    roles = {s.path: s.role for s in manager.schemes}
+    assert roles["model.language_model.embed_tokens"] == "embedding"
+    assert roles["model.visual.merger.ln_q"] == "norm"
+    manager.restore_all()
+    assert_state_equal(model, before)
+    assert torch.equal(logits(model, inputs), dense)
+
+    manager.apply_all(hard=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeonWarning)  # head counts differ per layer
+        manager.apply_all(hard=True)
+    torch.testing.assert_close(logits(model, inputs), soft, atol=1e-5, rtol=1e-5)
+    assert model.model.visual.patch_embed.proj.weight.shape[0] == 28  # 32 - 4 channels
+    assert model.model.language_model.norm.weight.shape == (56,)  # 64 - 8 channels
+    assert model.lm_head.in_features == 56 and model.model.visual.merger.mlp[0].in_features == 4 * 28
+    vision_width = "hidden_size" if kind == "qwen2_5_vl" else "embed_dim"  # Qwen2-VL's hidden_size is the text's
+    assert getattr(model.config.vision_config, vision_width) == 28
+    assert model.config.text_config.hidden_size == 56
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert output.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+    surgeon_fx.save(model, tmp_path / "checkpoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeonWarning)
+        reloaded = surgeon_fx.load(tmp_path / "checkpoint", build(kind, seed=1))
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+
+
+def test_skip_connection_pruning_of_one_tower():
     model = build("qwen2_5_vl")
+    inputs = visual_inputs(model)
+    surgeon_fx.compress_model(model, {"prune": [{"unit": "hidden", "ratio": 0.25, "towers": ["text"]}]}, (), inputs)
+    swapped = {swap.path for swap in journal_of_model(model).swaps}
+    assert "model.visual.merger.mlp.2" in swapped  # writes the text stream
+    assert "model.language_model.layers.1.post_attention_layernorm" in swapped
+    assert not any(p.startswith("model.visual.blocks") or "patch_embed" in p for p in swapped)
+    soft = logits(model, inputs)
+    surgeon_fx.compress_model(model, {}, (), inputs, hard=True)
+    torch.testing.assert_close(logits(model, inputs), soft, atol=1e-5, rtol=1e-5)
+    assert model.config.vision_config.hidden_size == 32 and model.config.text_config.hidden_size == 48
+
+
+def test_skip_connection_pruning_rejects_tied_embeddings():
+    model = build("qwen2_5_vl")
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    inputs = visual_inputs(model)
     before = state_snapshot(model)
-    config = CompressionConfig(lrd_rank_lists={"text": {"sa_out": [8, 8]}}, pruning_ratio_skip_connections=0.1)
-    with pytest.raises(PlanError, match="recorded input of a blockwise capture"):
-        CompressionSchemesManager(model, config, (), visual_inputs(model))
+    with pytest.raises(PlanError, match=r"hidden \(text\)' cannot be pruned: .*tied weights"):
+        surgeon_fx.compress_model(model, {"prune": [{"unit": "hidden", "ratio": 0.25}]}, (), inputs)
+    assert_state_equal(model, before)
+    assert hidden_groups(model, inputs)["vision"].unsupported is None
+
+
+def test_soft_save_load_then_restore(tmp_path):
+    model = build("qwen2_5_vl")
+    inputs = visual_inputs(model)
+    surgeon_fx.compress_model(model, {"prune": [{"unit": "hidden", "ratio": 0.25}]}, (), inputs)
+    surgeon_fx.save(model, tmp_path / "soft")
+    base = build("qwen2_5_vl")
+    dense = logits(base, inputs)
+    reloaded = surgeon_fx.load(tmp_path / "soft", base)
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+    surgeon_fx.restore_model(reloaded)
+    assert torch.equal(logits(reloaded, inputs), dense)
+
+
+def test_missed_stream_writer_is_caught_and_undone():
+    model = build("qwen2_5_vl")
+    inputs = visual_inputs(model)
+    before = state_snapshot(model)
+    gm = surgeon_fx.capture(model, (), inputs)
+    analysis = surgeon_fx.analyze(gm)
+    plan = surgeon_fx.Plan.coerce({"prune": [{"unit": "hidden", "ratio": 0.25, "towers": ["text"]}]})
+    join_hidden_groups(model, analysis, plan, (), inputs)
+    text = next(g for g in analysis.groups if g.unit == "hidden" and g.tower == "text")
+    # Forget that the token embedding writes the stream: its removed channels stay non-zero.
+    text.slots = [s for s in text.slots if "embed_tokens" not in s.target]
+    with pytest.raises(PlanError, match="non-zero values in removed channels"):
+        apply_plan(model, analysis, plan, None, (), inputs, hard=False)
     assert_state_equal(model, before)
     assert journal_of_model(model) is None
 
 
-def test_calibration_rejected_for_blockwise():
+def test_calibrated_lrd_on_blockwise_capture():
+    """SVD-LLM statistics come from hooks on the live model; per layer it beats plain SVD on them."""
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)
-    plan = {"lrd": [{"roles": ["mlp_down"], "rank": 4, "method": "svd-llm"}]}
-    with pytest.raises(PlanError, match="captured block by block"):
-        surgeon_fx.compress_model(model, plan, (), inputs, calibration=[inputs])
-    assert journal_of_model(model) is None
+    site = "model.visual.blocks.1.mlp.down_proj"
+    layer = model.get_submodule(site)
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    logits(model, inputs)
+    handle.remove()
+    x = seen[0]  # (16 patches, 64)
+    with torch.no_grad():
+        dense = layer(x)
+
+    errors = {}
+    for method in ("svd", "svd-llm"):
+        plan = {"lrd": [{"paths": [site], "rank": 4, "method": method}]}
+        surgeon_fx.compress_model(model, plan, (), inputs, calibration=[inputs, visual_inputs(model, grid=(1, 4, 8))])
+        with torch.no_grad():
+            errors[method] = float((model.get_submodule(site)(x) - dense).norm())
+        surgeon_fx.restore_model(model)
+    assert errors["svd-llm"] < errors["svd"]
 
 
 def test_save_load_round_trip(tmp_path):
@@ -357,5 +495,6 @@ def test_quickstart_example():
     assert "state soft" in result.stdout
     assert "model.visual.blocks.1.attn.qkv" in result.stdout
     assert "model.language_model.layers.1.mlp.down_proj" in result.stdout
+    assert "model.visual.patch_embed.proj" in result.stdout  # the 10% hidden-size pruning
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line and not line[0].isspace())
     assert lines["restored equals dense"] == "True"

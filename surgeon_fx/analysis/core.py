@@ -38,6 +38,10 @@ class Analysis:
         raise AnalysisError(f"no linear site at path {path!r}; known paths start with "
                             f"{[s.path for s in self.sites[:3]]}")
 
+    def replace_groups(self, unit: str, groups: list) -> None:
+        """Replace the coupling groups of ``unit`` with ``groups`` (found another way)."""
+        self._groups = [g for g in self.groups if g.unit != unit] + list(groups)
+
     @property
     def layers(self) -> list[int]:
         return sorted({s.layer for s in self.sites if s.layer is not None})

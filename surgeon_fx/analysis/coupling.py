@@ -54,6 +54,8 @@ _ELEMENTWISE = {
 # Users that only check or read metadata of a tensor.
 _IGNORED_USERS = {"_assert_tensor_metadata", "sym_size", "size", "sym_numel", "sym_stride"}
 _NORMS = {"layer_norm", "rms_norm"}
+# Roles whose input is the residual stream: a walk of the hidden size starts there.
+_HIDDEN_SEEDS = ("q", "qkv", "mlp_up", "mlp_gate", "mlp_gate_up")
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,13 @@ class CouplingGroup:
     attention: AttentionOp | None = field(default=None, repr=False)
     norm_nodes: list[fx.Node] = field(default_factory=list, repr=False)
     unsupported: str | None = None
+    tower: str | None = None  # of a hidden-size group
+    norm_modules: list[str] = field(default_factory=list)  # module paths of the norms (live models)
 
     @property
     def name(self) -> str:
+        if self.unit == "hidden" and self.tower is not None:
+            return f"hidden ({self.tower})"
         return self.unit if self.layer is None else f"{self.unit} layer {self.layer}"
 
     @property
@@ -287,16 +293,28 @@ def _split_sizes(split: fx.Node) -> list[int] | None:
 
 
 @dataclass
-class _HiddenWalk:
+class HiddenWalk:
+    """What a walk along the hidden dimension found: the slots, sites and norms it couples.
+
+    With ``boundary`` set (a walk inside one part of a blockwise capture), the walk
+    stops at the part's inputs and output and lists them in ``entries`` and
+    ``exits`` instead of reporting problems. It then also follows a reshape that
+    folds the hidden dimension into a wider trailing one right before a linear
+    layer, such as a patch merger's ``view(-1, 4 * hidden)``.
+    """
+
     hidden: int
     by_node: dict
+    boundary: bool = False
     slots: list[Slot] = field(default_factory=list)
     sites: list[LinearSite] = field(default_factory=list)
     norm_nodes: list[fx.Node] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    entries: list[fx.Node] = field(default_factory=list)
+    exits: list[fx.Node] = field(default_factory=list)
 
-    def add_site(self, site: LinearSite, axis: str) -> None:
-        slot = Slot("site", site.path, axis)
+    def add_site(self, site: LinearSite, axis: str, offset: int = 0) -> None:
+        slot = Slot("site", site.path, axis, offset)
         if slot not in self.slots:
             self.slots.append(slot)
         if site not in self.sites:
@@ -309,21 +327,29 @@ class _HiddenWalk:
 
 
 def _hidden_groups(analysis) -> list[CouplingGroup]:
-    seeds = [s for s in analysis.sites if s.role in ("q", "qkv", "mlp_up", "mlp_gate", "mlp_gate_up")]
-    if not seeds:
-        return []
-    seed = seeds[0]
-    hidden = seed.in_features
-    walk = _HiddenWalk(hidden, {site.node: site for site in analysis.sites})
-    _walk_hidden(walk, seed.input)
-    group = CouplingGroup("hidden", hidden, walk.slots, walk.sites, norm_nodes=walk.norm_nodes)
-    if walk.problems:
-        group.unsupported = "; ".join(dict.fromkeys(walk.problems))
-    return [group]
+    """Return one hidden-size group per tower, each walked from its first projection."""
+    groups = []
+    towers = list(dict.fromkeys(s.tower for s in analysis.sites if s.role in _HIDDEN_SEEDS))
+    for tower in towers:
+        seeds = [s for s in analysis.sites if s.tower == tower and s.role in _HIDDEN_SEEDS]
+        if not seeds:
+            continue
+        seed = seeds[0]
+        walk = walk_hidden(seed.input, seed.in_features, {site.node: site for site in analysis.sites})
+        group = CouplingGroup("hidden", walk.hidden, walk.slots, walk.sites, norm_nodes=walk.norm_nodes)
+        group.tower = tower if len(towers) > 1 else None
+        if walk.problems:
+            group.unsupported = "; ".join(dict.fromkeys(walk.problems))
+        groups.append(group)
+    return groups
 
 
-def _walk_hidden(walk: _HiddenWalk, start: fx.Node) -> None:
-    """Follow the hidden dimension through the graph, both up and down, from ``start``."""
+def walk_hidden(start: fx.Node, hidden: int, by_node: dict, *, boundary: bool = False) -> HiddenWalk:
+    """Follow the hidden dimension (the last one of ``start``) through the graph, up and down.
+
+    ``by_node`` maps the graph's linear nodes to their sites.
+    """
+    walk = HiddenWalk(hidden, by_node, boundary)
     shape = node_shape(start)
     queue = deque([(start, len(shape) - 1)])
     seen: set[tuple[fx.Node, int]] = set()
@@ -341,12 +367,17 @@ def _walk_hidden(walk: _HiddenWalk, start: fx.Node) -> None:
             queue.extend(_follow_user(walk, node, dim, user))
         # Up: the arguments of this node that carry the same channels.
         queue.extend(_follow_args(walk, node, dim))
+    return walk
 
 
-def _follow_user(walk: _HiddenWalk, node: fx.Node, dim: int, user: fx.Node) -> list:
+def _follow_user(walk: HiddenWalk, node: fx.Node, dim: int, user: fx.Node) -> list:
     name = op_name(user)
-    if user.op == "output" or name in _IGNORED_USERS:
+    if user.op == "output":
+        if walk.boundary and node not in walk.exits:
+            walk.exits.append(node)
         return []
+    if name in _IGNORED_USERS or (user.op == "call_module" and str(user.target).startswith("_guards_fn")):
+        return []  # export's check of the example's shapes reads every input
     site = walk.by_node.get(user)
     if site is not None:
         if site.input is node:
@@ -362,6 +393,8 @@ def _follow_user(walk: _HiddenWalk, node: fx.Node, dim: int, user: fx.Node) -> l
         walk.problems.append(f"operation {name} ({user.name}) on the hidden dimension is not supported")
         return []
     found = [(user, out_dim) for arg, in_dim, out_dim in links if arg is node and in_dim == dim]
+    if not found and walk.boundary and _fold_into_sites(walk, node, dim, user):
+        return []
     if not found:
         walk.problems.append(f"operation {name} ({user.name}) mixes or reduces the hidden dimension")
     if name in _NORMS and user not in walk.norm_nodes:
@@ -369,7 +402,27 @@ def _follow_user(walk: _HiddenWalk, node: fx.Node, dim: int, user: fx.Node) -> l
     return found
 
 
-def _follow_args(walk: _HiddenWalk, node: fx.Node, dim: int) -> list:
+def _fold_into_sites(walk: HiddenWalk, node: fx.Node, dim: int, fold: fx.Node) -> bool:
+    """Couple a reshape from trailing size ``hidden`` to ``m * hidden`` read only by linear layers.
+
+    In row-major order, hidden channel ``c`` lands in the columns ``k * hidden + c``
+    for ``k < m`` of each reading layer: one slot per ``k``.
+    """
+    shape, out = node_shape(node), node_shape(fold)
+    if op_name(fold) not in ("view", "reshape", "_unsafe_view", "flatten") or shape is None or not out:
+        return False
+    if dim != len(shape) - 1 or not isinstance(out[-1], int) or out[-1] % walk.hidden or out[-1] == walk.hidden:
+        return False
+    readers = [walk.by_node.get(user) for user in fold.users]
+    if not readers or any(site is None or site.input is not fold for site in readers):
+        return False
+    for site in readers:
+        for k in range(out[-1] // walk.hidden):
+            walk.add_site(site, "in", offset=k * walk.hidden)
+    return True
+
+
+def _follow_args(walk: HiddenWalk, node: fx.Node, dim: int) -> list:
     site = walk.by_node.get(node)
     if site is not None:
         walk.add_site(site, "out")
@@ -379,7 +432,10 @@ def _follow_args(walk: _HiddenWalk, node: fx.Node, dim: int) -> list:
         return []
     if node.op == "placeholder":
         part = node.meta.get("surgeon_fx_part")
-        if part is not None:
+        if walk.boundary:
+            if node not in walk.entries:
+                walk.entries.append(node)
+        elif part is not None:
             walk.problems.append(
                 f"the hidden dimension enters {part} as a recorded input of a blockwise capture, so the "
                 "residual stream between blocks (embeddings, norms, heads) is not in the graph"
@@ -452,7 +508,7 @@ def dim_links(node: fx.Node) -> list[tuple[fx.Node, int, int]] | None:
         return links
     if name == "embedding":
         return [(node.args[0], 1, rank - 1)]
-    if name in ("conv2d", "conv1d", "convolution"):
+    if name in ("conv1d", "conv2d", "conv3d", "convolution"):
         return [(w, 0, 1) for w in node.args[1:3] if isinstance(w, fx.Node)]
     return None
 

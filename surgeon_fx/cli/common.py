@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from torch import fx
+from torch import fx, nn
 
 from ..analysis import Analysis
+from ..blockwise import is_blockwise
 from ..calibration import CalibrationStats, calibrate
 from ..plan import CALIBRATED_METHODS, Plan
 from . import progress
@@ -52,9 +53,15 @@ def check_calibration(plan: Plan, calib: Path | None) -> None:
             )
 
 
-def calibrate_plan_sites(gm: fx.GraphModule, analysis: Analysis, plan: Plan, batches: list) -> CalibrationStats:
-    """Collect input statistics of every site a rule of ``plan`` selects, with a progress bar."""
+def calibrate_plan_sites(
+    gm: fx.GraphModule, analysis: Analysis, plan: Plan, batches: list, model: nn.Module | None = None
+) -> CalibrationStats:
+    """Collect input statistics of every site a rule of ``plan`` selects, with a progress bar.
+
+    A blockwise capture records them on ``model``, the live model.
+    """
     rules = [*plan.lrd, *plan.prune]
     selected = [site for site in analysis.sites if any(rule.selector.matches(site) for rule in rules)]
+    live = model if is_blockwise(gm) else None
     with progress.bar(len(batches), "calibrating", "batch") as bar:
-        return calibrate(gm, batches, selected, progress=progress.counter(bar))
+        return calibrate(gm, batches, selected, progress=progress.counter(bar), model=live)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import analyze
-from ..live import apply_plan, capture_for_analysis, journal_of_model, resolve_plan
+from ..live import apply_plan, capture_for_analysis, join_hidden_groups, journal_of_model, resolve_plan
 from ..persist import MANIFEST, WEIGHTS, save
 from ..plan import Plan
 from ..report import count_params
@@ -66,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
     gm = capture_for_analysis(model, (), kwargs, calibrated=batches is not None)
     analysis = analyze(gm)
     plan = resolve_plan(plan, analysis)
+    join_hidden_groups(model, analysis, plan, (), kwargs)
     stats = None
     if batches is not None:
-        stats = calibrate_plan_sites(gm, analysis, plan, batches)
+        stats = calibrate_plan_sites(gm, analysis, plan, batches, model)
     params_before = count_params(model)
     with progress.bar(None, "compressing", "site") as bar:
 

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         plan = default_plan(analysis, args.budget)
     stats = None
     if batches is not None:
-        stats = calibrate_plan_sites(gm, analysis, plan, batches)
+        stats = calibrate_plan_sites(gm, analysis, plan, batches, loaded.model)
     ranks = {action.site.path: action.rank for action in plan.resolve_lrd(analysis, stats=stats)}
 
     spectra = site_spectra(analysis)

@@ -7,11 +7,12 @@ the kept units per group, and from them the kept indices of every tensor axis.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .._fx_utils import fetch_attr
 from ..analysis import Analysis, LinearSite
@@ -79,10 +80,14 @@ class PruneSelection:
         return None
 
 
-def select_channels(rules: list, analysis: Analysis, stats: dict | None = None) -> PruneSelection:
+def select_channels(
+    rules: list, analysis: Analysis, stats: dict | None = None, source: nn.Module | None = None
+) -> PruneSelection:
     """Resolve ``rules`` (a list of :class:`~surgeon_fx.plan.PruneRule`) against ``analysis``.
 
     ``stats`` (calibration statistics by site path) feed the ``"activation"`` criterion.
+    Weights are read from ``source`` (default: the analysed graph module), which must
+    hold every tensor of the groups at its dotted path; the live model does.
 
     Raises:
         PlanError: a rule matches no group, covers only part of a group, or requests
@@ -100,20 +105,27 @@ def select_channels(rules: list, analysis: Analysis, stats: dict | None = None) 
         for group in groups:
             chosen[group] = (index, rule)
     selection = PruneSelection(sites={s.path: s for s in analysis.sites})
+    tensors = analysis.gm if source is None else source
     for group in analysis.groups:
         if group not in chosen:
             continue
         index, rule = chosen[group]
-        kept = _kept_units(group, rule, index, analysis.gm, stats)
+        kept = _kept_units(group, rule, index, tensors, stats)
         if len(kept) < group.size:
             selection.actions.append(PruneAction(group, kept, index))
-    _index_axes(selection, analysis.gm)
+    _index_axes(selection, tensors)
     selection.sites = {p: s for p, s in selection.sites.items() if (p, "out") in selection.site_indices
                        or (p, "in") in selection.site_indices}
     return selection
 
 
 def _selects(rule, index: int, group: CouplingGroup) -> bool:
+    if group.unit == "hidden" and group.tower is not None and rule.selector.towers is not None:
+        # A tower's residual stream also runs through layers outside its stack (the
+        # patch merger that writes image features into the text, the output head).
+        if group.tower not in rule.selector.towers:
+            return False
+        rule = dataclasses.replace(rule, selector=dataclasses.replace(rule.selector, towers=None))
     matched = [s for s in group.sites if rule.selector.matches(s)]
     if not matched:
         return False
