@@ -95,6 +95,8 @@ class CompressionSchemesManager:
         args, kwargs: example inputs for capture; a Hugging Face model's
             ``dummy_inputs`` are used when both are empty.
         calibration: batches of model inputs for the ``svd-llm`` and ``asvd`` methods.
+        strategy: how to capture the model: ``"auto"``, ``"whole"`` or ``"blockwise"``
+            (see :func:`surgeon_fx.capture`).
 
     Raises:
         PlanError: the configuration does not fit the model; nothing was changed.
@@ -102,7 +104,8 @@ class CompressionSchemesManager:
     """
 
     def __init__(self, model: nn.Module, config_or_plan: CompressionConfig | Plan | dict | Any,
-                 args: Any = (), kwargs: dict | None = None, *, calibration: Iterable[Any] | None = None) -> None:
+                 args: Any = (), kwargs: dict | None = None, *, calibration: Iterable[Any] | None = None,
+                 strategy: str = "auto") -> None:
         self.model = model
         self.config = config_or_plan
         self.graph_mode = isinstance(model, fx.GraphModule)
@@ -113,13 +116,13 @@ class CompressionSchemesManager:
             )
         if self.graph_mode:
             self.args, self.kwargs = args, kwargs
-            self._gm = capture(model, args, kwargs)
+            self._gm = capture(model, args, kwargs, strategy=strategy)
         else:
             self.args, self.kwargs = example_inputs(model, args, kwargs)
             # NOTE: the graph module shares its parameters with ``model``, so this one
             # capture stays valid while the user changes weights in place. It goes
             # stale if the user replaces submodules between calls.
-            self._gm = capture_for_analysis(model, self.args, self.kwargs, calibration is not None)
+            self._gm = capture_for_analysis(model, self.args, self.kwargs, calibration is not None, strategy)
         self._analysis = analyze(self._gm)
         self.plan = resolve_plan(config_or_plan, self._analysis)
         if not self.graph_mode:

@@ -304,6 +304,20 @@ def test_hard_with_video_matches_soft():
     assert model.model.language_model.layers[0].self_attn.q_proj.out_features == 64
 
 
+def test_strategy_reaches_capture_through_manager_and_compress_model(caplog):
+    model, ids = causal_lm("llama"), token_ids()
+    plan = {"lrd": [{"roles": ["mlp_down"], "rank": 4}]}
+    with caplog.at_level(logging.INFO, logger="surgeon_fx"):
+        manager = CompressionSchemesManager(model, plan, (ids,), strategy="blockwise")
+    assert "strategy='blockwise' was requested" in caplog.text
+    manager.apply_all()
+    assert isinstance(model.model.layers[1].mlp.down_proj, surgeon_fx.LinearLRD)
+    manager.restore_all()
+    with pytest.raises(CaptureError, match="unknown capture strategy 'layers'"):
+        surgeon_fx.compress_model(model, plan, (ids,), strategy="layers")
+    assert journal_of_model(model) is None
+
+
 def test_towers_selector_selects_one_tower():
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)
