@@ -69,7 +69,7 @@ class CompressionConfig:
         lrd_rank_lists: key -> list of positive ints or ``"full"``, or tower name
             -> such a mapping. ``"full"`` leaves the site as it is.
         pruning_ratio_skip_connections: fraction of the hidden size (the residual
-            stream) to remove, in [0, 1).
+            stream) to remove, in [0, 1), or tower name -> such a fraction.
         lrd_method: factorisation method of every LRD rule: ``"auto"`` (SVD-LLM
             when calibration inputs are given, plain SVD otherwise), ``"svd"``,
             ``"svd-llm"`` or ``"asvd"`` (the last two need calibration inputs).
@@ -82,7 +82,7 @@ class CompressionConfig:
 
     pruning_ratio_lists: dict[str, Any] = field(default_factory=dict)
     lrd_rank_lists: dict[str, Any] = field(default_factory=dict)
-    pruning_ratio_skip_connections: float = 0.0
+    pruning_ratio_skip_connections: float | dict[str, float] = 0.0
     lrd_method: str = "auto"
     gqa: str = "groups"
 
@@ -99,7 +99,11 @@ class CompressionConfig:
                     )
             _check_up_gate_agree(lists, block)
         skip = self.pruning_ratio_skip_connections
-        _check_ratio(skip, "pruning_ratio_skip_connections")
+        if isinstance(skip, dict):
+            for tower, ratio in skip.items():
+                _check_ratio(ratio, f"pruning_ratio_skip_connections[{tower!r}]")
+        else:
+            _check_ratio(skip, "pruning_ratio_skip_connections")
         if self.lrd_method not in LRD_METHODS:
             raise PlanError(f"lrd_method {self.lrd_method!r} is unknown; choose one of {list(LRD_METHODS)}")
         if self.gqa not in ("groups", "queries"):
@@ -138,6 +142,9 @@ class CompressionConfig:
                             f"{where}: {prefix!r} has no site with role in {list(LRD_ROLES[key])}; "
                             f"its roles are {sorted(roles)}. Remove the key"
                         )
+        if isinstance(self.pruning_ratio_skip_connections, dict):
+            for tower in self.pruning_ratio_skip_connections:
+                _block_prefix(_tower_name(tower, analysis), counts, "pruning_ratio_skip_connections")
 
     def to_plan(self, analysis: Analysis | None = None) -> Plan:
         """Return the :class:`Plan` these lists describe, validated against ``analysis`` if given.
@@ -164,8 +171,10 @@ class CompressionConfig:
                     if value:
                         selector = Selector(layers=layers, towers=_towers(block))
                         prune.append(PruneRule(selector=selector, unit=PRUNE_UNITS[key], ratio=value, gqa=self.gqa))
-        if self.pruning_ratio_skip_connections:
-            prune.append(PruneRule(selector=Selector(), unit="hidden", ratio=self.pruning_ratio_skip_connections))
+        skip = self.pruning_ratio_skip_connections
+        for tower, ratio in (skip.items() if isinstance(skip, dict) else [(FLAT, skip)]):
+            if ratio:
+                prune.append(PruneRule(selector=Selector(towers=_towers(tower)), unit="hidden", ratio=ratio))
         return Plan(lrd=lrd, prune=prune)
 
     @classmethod
@@ -200,10 +209,13 @@ class CompressionConfig:
             if "mlp_up" in lists and "mlp_gate" not in lists and _up_rule_skips_gate(plan):
                 lists["mlp_gate"] = ["full"] * len(lists["mlp_up"])
         ratios: dict = {}
-        skip = 0.0
+        skip: float | dict[str, float] = 0.0
         gqa = "groups"
         for index, rule in enumerate(plan.prune):
             where = f"prune rule {index}"
+            if rule.unit == "hidden" and rule.selector.towers:
+                skip = {**(skip if isinstance(skip, dict) else {}), **dict.fromkeys(rule.selector.towers, rule.ratio)}
+                continue
             if rule.unit == "hidden":
                 skip = rule.ratio
                 continue

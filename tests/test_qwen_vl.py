@@ -434,6 +434,32 @@ def test_skip_connection_pruning_rejects_tied_embeddings():
     assert hidden_groups(model, inputs)["vision"].unsupported is None
 
 
+def test_skip_connection_ratio_per_tower_in_config():
+    model = build("qwen2_5_vl")
+    inputs = visual_inputs(model)
+    config = CompressionConfig(pruning_ratio_skip_connections={"vision": 0.25, "text": 0.0})
+    plan = config.to_plan(surgeon_fx.analyze(surgeon_fx.capture(model, (), inputs)))
+    assert [(r.unit, r.selector.towers, r.ratio) for r in plan.prune] == [("hidden", ("vision",), 0.25)]
+    assert CompressionConfig.from_plan(plan, {"vision": 2, "text": 2}).pruning_ratio_skip_connections == {"vision": 0.25}
+    manager = CompressionSchemesManager(model, config, (), inputs)
+    manager.apply_all(hard=False)
+    swapped = {swap.path for swap in journal_of_model(model).swaps}
+    assert "model.visual.patch_embed.proj" in swapped and "model.visual.merger.mlp.0" in swapped
+    assert not any(p.startswith("model.language_model") or p == "lm_head" for p in swapped)
+
+
+@pytest.mark.parametrize("skip, message", [
+    ({"audio": 0.1}, r"pruning_ratio_skip_connections\['audio'\]: the model has no blocks 'audio'"),
+    ({"vision": 1.0}, r"pruning_ratio_skip_connections\['vision'\]: invalid pruning ratio 1.0"),
+])
+def test_skip_connection_ratio_per_tower_rejected(skip, message):
+    model = build("qwen2_5_vl")
+    before = state_snapshot(model)
+    with pytest.raises(PlanError, match=message):
+        CompressionSchemesManager(model, CompressionConfig(pruning_ratio_skip_connections=skip), (), visual_inputs(model))
+    assert_state_equal(model, before)
+
+
 def test_soft_save_load_then_restore(tmp_path):
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)
