@@ -94,14 +94,16 @@ def blockwise_hidden_groups(model: nn.Module, analysis: Analysis, args: tuple, k
     """
     capture: BlockwiseCapture = analysis.gm.meta[BLOCKWISE_META]
     names = tower_names(capture.stacks)
-    calls = _record(model, capture.stacks, args, kwargs)
-    groups = []
+    hidden = {}
     for stack in capture.stacks:
+        seeds = [s for s in analysis.sites if s.tower == names[stack] and s.role in _SEEDS]
+        if seeds:
+            hidden[stack] = seeds[0].in_features
+    calls = _record(model, capture.stacks, args, kwargs, set(hidden.values()))
+    groups = []
+    for stack, size in hidden.items():
         tower = names[stack]
-        seeds = [s for s in analysis.sites if s.tower == tower and s.role in _SEEDS]
-        if not seeds:
-            continue
-        stream = _Stream(seeds[0].in_features)
+        stream = _Stream(size)
         _tower_stream(model, analysis, capture, stack, calls, stream)
         group = CouplingGroup("hidden", stream.hidden, stream.slots, stream.sites, norm_modules=stream.norms)
         group.tower = tower if len(capture.stacks) > 1 else None
@@ -250,14 +252,21 @@ def _outside(path: str, stacks: list[str]) -> bool:
     return True
 
 
-def _record(model: nn.Module, stacks: list[str], args: tuple, kwargs: dict) -> dict[str, _Call]:
-    """Run ``model`` once and return the first call of every block and outside module."""
+def _record(model: nn.Module, stacks: list[str], args: tuple, kwargs: dict, sizes: set[int]) -> dict[str, _Call]:
+    """Run ``model`` once and return the first call of every block and outside module.
+
+    Only calls whose first input or output has a last dimension in ``sizes`` (the
+    towers' hidden sizes) are kept, which leaves out large outputs such as logits.
+    """
     calls: dict[str, _Call] = {}
 
     def hook(path: str):
         def record(module, hook_args, hook_kwargs, output) -> None:
-            if path not in calls:
-                calls[path] = _Call(hook_args, hook_kwargs, output)
+            if path in calls:
+                return
+            call = _Call(hook_args, hook_kwargs, output)
+            if any(t is not None and t.dim() and t.shape[-1] in sizes for t in (call.first_input(), call.first_output())):
+                calls[path] = call
 
         return record
 
