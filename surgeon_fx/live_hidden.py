@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from ._fx_utils import node_module_path
+from ._fx_utils import node_module_path, op_name
 from .analysis.coupling import CouplingGroup
 from .errors import PlanError
 
@@ -37,6 +37,8 @@ from .errors import PlanError
 # which is ``4 * hidden``) and on the tower's config.
 HIDDEN_ATTRS = ("hidden_size", "embed_dim", "dim", "d_model", "n_embd", "context_dim")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Operations between an RMSNorm's mean(x ** 2) and its weight: add eps, rsqrt, mul, cast.
+_NORM_REACH = 6
 
 
 class KeptChannelNorm(nn.Module):
@@ -128,13 +130,39 @@ def hidden_changes(model: nn.Module, selection, *, build: bool = True) -> list[H
     return changes
 
 
+def norm_module_path(node: fx.Node) -> str | None:
+    """Return the path of the norm module that computed the normalisation ``node``, if known.
+
+    Export records the module path of each node. A graph traced on real tensors
+    (a block that does not export) has none, so the owner of the norm's weight
+    stands in: the ``weight`` argument of ``layer_norm``, or the parameter that
+    scales an RMSNorm's ``mean(x ** 2)`` a few operations further on.
+    """
+    path = node_module_path(node)
+    if path is not None:
+        return path
+    if op_name(node) in ("layer_norm", "rms_norm"):
+        weights = [a for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
+        return weights[0].target.rpartition(".")[0] if weights else None
+    frontier, seen = [node], set()
+    for _ in range(_NORM_REACH):
+        frontier = [user for n in frontier for user in n.users if user not in seen]
+        seen.update(frontier)
+        for user in frontier:
+            if op_name(user) == "mul":
+                params = [a for a in user.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+                if params:
+                    return params[0].target.rpartition(".")[0]
+    return None
+
+
 def norm_paths(group: CouplingGroup) -> list[str]:
     """Return the module paths of the norms of a hidden-size group."""
     if group.norm_modules:
         return list(group.norm_modules)
     paths = []
     for node in group.norm_nodes:
-        path = node_module_path(node)
+        path = norm_module_path(node)
         if path is None:
             raise PlanError(
                 f"the normalisation {node.name} on the hidden size has no module path, so compress_model() "

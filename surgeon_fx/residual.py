@@ -39,12 +39,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ._fx_utils import fetch_attr, node_module_path, node_shape
+from ._fx_utils import fetch_attr, node_shape
 from .analysis import Analysis, LinearSite
 from .analysis.coupling import CouplingGroup, HiddenWalk, Slot, walk_hidden
 from .analysis.towers import tower_names
 from .blockwise import BLOCKWISE_META, PART_META, BlockwiseCapture, _export_part
 from .capture import check_forward_runs
+from .live_hidden import norm_module_path
 
 _SEEDS = ("q", "qkv", "mlp_up", "mlp_gate", "mlp_gate_up")
 
@@ -79,9 +80,11 @@ class _Stream:
         self.sites += [s for s in walk.sites if s not in self.sites]
         self.problems += walk.problems
         for node in walk.norm_nodes:
-            path = node_module_path(node)
+            path = norm_module_path(node)
             if path is None:
-                self.problems.append(f"the normalisation {node.name} in {where} has no module path")
+                self.problems.append(
+                    f"the normalisation {node.name} in {where} belongs to no module surgeon_fx can replace"
+                )
             elif path not in self.norms:
                 self.norms.append(path)
 

@@ -409,6 +409,21 @@ def test_skip_connection_pruning_soft_restore_hard(kind, tmp_path):
     assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
 
 
+@pytest.mark.parametrize("kind, media, grid", [
+    ("qwen2_5_vl", "image", (1, 8, 8)),  # 4 attention windows: the blocks are traced, not exported
+    ("qwen2_5_vl", "video", (2, 4, 4)),
+    ("qwen2_vl", "video", (2, 4, 4)),
+])
+def test_skip_connection_pruning_on_traced_blocks(kind, media, grid):
+    model = build(kind)
+    inputs = visual_inputs(model, media, grid)
+    surgeon_fx.compress_model(model, {"prune": [{"unit": "hidden", "ratio": 0.25}]}, (), inputs)
+    soft = logits(model, inputs)
+    surgeon_fx.compress_model(model, {}, (), inputs, hard=True)
+    torch.testing.assert_close(logits(model, inputs), soft, atol=1e-5, rtol=1e-5)
+    assert model.model.visual.blocks[0].norm1.weight.shape == (24,)
+
+
 def test_skip_connection_pruning_of_one_tower():
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)
