@@ -586,15 +586,19 @@ def _hidden_edits(model: nn.Module, selection) -> list[AttributeEdit]:
 
 
 def _tower_config(model: nn.Module, tower: str | None):
-    """Return ``(edit target, config)`` of a tower: ``vision_config`` for ``"vision"``, and so on."""
+    """Return ``(edit target, config)`` of a tower: ``vision_config`` for ``"vision"``, and so on.
+
+    Any other tower (the language model, or the one stack of a text model) uses
+    ``text_config`` where the config has one, and the config itself otherwise.
+    """
     config = getattr(model, "config", None)
     if config is None:
         return CONFIG_TARGET, None
-    wanted = {"vision": ("vision_config",), "audio": ("audio_config",)}.get(tower, ("text_config",))
-    for name in wanted:
-        if name in vars(config) and hasattr(vars(config)[name], "to_dict"):
-            return f"{CONFIG_TARGET}.{name}", vars(config)[name]
-    return CONFIG_TARGET, config if tower in (None, "text") else None
+    name = f"{tower}_config" if tower in ("vision", "audio") else "text_config"
+    sub = vars(config).get(name)
+    if hasattr(sub, "to_dict"):
+        return f"{CONFIG_TARGET}.{name}", sub
+    return (CONFIG_TARGET, None) if tower in ("vision", "audio") else (CONFIG_TARGET, config)
 
 
 def _hard_shape(change: _Change) -> tuple[int, int]:

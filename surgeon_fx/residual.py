@@ -109,7 +109,7 @@ def blockwise_hidden_groups(model: nn.Module, analysis: Analysis, args: tuple, k
         stream = _Stream(size)
         _tower_stream(model, analysis, capture, stack, calls, stream)
         group = CouplingGroup("hidden", stream.hidden, stream.slots, stream.sites, norm_modules=stream.norms)
-        group.tower = tower if len(capture.stacks) > 1 else None
+        group.tower, group.block = tower, stack
         if stream.problems:
             group.unsupported = "; ".join(dict.fromkeys(stream.problems))
         groups.append(group)

@@ -463,6 +463,15 @@ def test_skip_connection_ratio_per_tower_in_config():
     assert not any(p.startswith("model.language_model") or p == "lm_head" for p in swapped)
 
 
+def test_skip_connection_rule_by_stack_prefix():
+    model = build("qwen2_5_vl")
+    inputs = visual_inputs(model)
+    config = CompressionConfig(pruning_ratio_skip_connections={"model.language_model.layers": 0.25})
+    CompressionSchemesManager(model, config, (), inputs).apply_all()
+    swapped = {swap.path for swap in journal_of_model(model).swaps}
+    assert "lm_head" in swapped and not any("patch_embed" in p for p in swapped)
+
+
 @pytest.mark.parametrize("skip, message", [
     ({"audio": 0.1}, r"pruning_ratio_skip_connections\['audio'\]: the model has no blocks 'audio'"),
     ({"vision": 1.0}, r"pruning_ratio_skip_connections\['vision'\]: invalid pruning ratio 1.0"),

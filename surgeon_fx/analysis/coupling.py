@@ -103,12 +103,13 @@ class CouplingGroup:
     attention: AttentionOp | None = field(default=None, repr=False)
     norm_nodes: list[fx.Node] = field(default_factory=list, repr=False)
     unsupported: str | None = None
-    tower: str | None = None  # of a hidden-size group
+    tower: str | None = None  # tower name of a hidden-size group
+    block: str | None = None  # stack prefix of that tower
     norm_modules: list[str] = field(default_factory=list)  # module paths of the norms (live models)
 
     @property
     def name(self) -> str:
-        if self.unit == "hidden" and self.tower is not None:
+        if self.unit == "hidden" and self.tower is not None and self.tower != self.block:
             return f"hidden ({self.tower})"
         return self.unit if self.layer is None else f"{self.unit} layer {self.layer}"
 
@@ -337,7 +338,7 @@ def _hidden_groups(analysis) -> list[CouplingGroup]:
         seed = seeds[0]
         walk = walk_hidden(seed.input, seed.in_features, {site.node: site for site in analysis.sites})
         group = CouplingGroup("hidden", walk.hidden, walk.slots, walk.sites, norm_nodes=walk.norm_nodes)
-        group.tower = tower if len(towers) > 1 else None
+        group.tower, group.block = tower, seed.block
         if walk.problems:
             group.unsupported = "; ".join(dict.fromkeys(walk.problems))
         groups.append(group)

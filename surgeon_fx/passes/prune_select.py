@@ -123,7 +123,7 @@ def _selects(rule, index: int, group: CouplingGroup) -> bool:
     if group.unit == "hidden" and group.tower is not None and rule.selector.towers is not None:
         # A tower's residual stream also runs through layers outside its stack (the
         # patch merger that writes image features into the text, the output head).
-        if group.tower not in rule.selector.towers:
+        if group.tower not in rule.selector.towers and group.block not in rule.selector.towers:
             return False
         rule = dataclasses.replace(rule, selector=dataclasses.replace(rule.selector, towers=None))
     matched = [s for s in group.sites if rule.selector.matches(s)]
