@@ -251,6 +251,13 @@ def apply_plan(
         changes, selection = _resolve(model, analysis, plan, stats, progress)
         for change in changes:
             change.previous = _swap(model, change.path, change.soft_module)
+    if not changes:
+        warnings.warn(
+            f"the plan changes no module of {type(model).__name__}, which is left as it was",
+            SurgeonWarning,
+            stacklevel=3,
+        )
+        return model
     journal = LiveJournal(plan=plan.to_dict(), rewrites=[c.row for c in changes])
     journal.swaps = [ModuleSwap(c.path, c.previous) for c in changes]
     journal.edits = _attribute_edits(model, analysis, changes, journal.notes, selection)

@@ -256,7 +256,7 @@ class Plan:
                     f"the model has roles {sorted({s.role for s in analysis.sites})}, "
                     f"layers {analysis.layers} and towers {sorted(analysis.towers)}"
                 )
-            if rule.method in CALIBRATED_METHODS:
+            if rule.method in CALIBRATED_METHODS or (rule.method == "auto" and stats is not None):
                 _check_stats(rule, index, matched, stats)
             method = concrete_method(rule.method, stats)
             if rule.budget is not None and matched:
@@ -285,6 +285,22 @@ def _check_stats(rule: LRDRule, index: int, sites: list[LinearSite], stats: dict
     missing = [s.path for s in sites if s.path not in stats]
     if missing:
         raise PlanError(f"lrd rule {index}: the calibration statistics lack sites {missing[:3]}; calibrate again")
+    check_reached(f"lrd rule {index}", sites, stats)
+
+
+def check_reached(where: str, sites: list[LinearSite], stats: dict) -> None:
+    """Raise if the calibration batches never ran some of ``sites`` (no token was recorded).
+
+    Raises:
+        PlanError: with the unreached sites and their towers.
+    """
+    unreached = [s for s in sites if s.path in stats and stats[s.path].tokens == 0]
+    if unreached:
+        towers = sorted({str(s.tower) for s in unreached})
+        raise PlanError(
+            f"{where}: the calibration batches never ran {[s.path for s in unreached[:3]]} (towers {towers}); "
+            "give batches that reach them (images for a vision tower), or select only the sites they reach"
+        )
 
 
 def concrete_method(method: str, stats: dict | None) -> str:

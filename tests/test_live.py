@@ -292,3 +292,18 @@ def test_no_warnings_for_uniform_hard_pruning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", SurgeonWarning)
         surgeon_fx.compress_model(model, {"prune": HEADS["prune"] + NEURONS["prune"]}, (ids,), hard=True)
+
+
+@pytest.mark.parametrize("rule, fix", [
+    ({"unit": "hidden", "ratio": 0.1, "round_to": 8}, "raise the ratio to at least 0.117"),
+    ({"unit": "mlp_neurons", "ratio": 0.25, "round_to": 256}, "lower round_to"),
+    ({"unit": "mlp_neurons", "ratio": 0.001}, "raise the ratio to at least 0.00391"),
+])
+def test_prune_rule_that_removes_nothing_warns_and_changes_nothing(rule, fix):
+    model, ids = causal_lm("llama"), token_ids()
+    before = state_snapshot(model)
+    with pytest.warns(SurgeonWarning, match=fix) as caught:
+        surgeon_fx.compress_model(model, {"prune": [rule]}, (ids,))
+    assert any("changes no module" in str(w.message) for w in caught)
+    assert_state_equal(model, before)
+    assert journal_of_model(model) is None

@@ -538,6 +538,20 @@ def test_calibrated_lrd_on_blockwise_capture():
     assert errors["svd-llm"] < errors["svd"]
 
 
+def test_calibration_that_misses_a_tower_is_rejected():
+    model = build("qwen2_5_vl")
+    inputs = visual_inputs(model)
+    text_only = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    before = state_snapshot(model)
+    plan = {"lrd": [{"roles": ["mlp_down"], "rank": 4, "method": "svd-llm"}]}
+    with pytest.raises(PlanError, match=r"never ran \['model.visual.blocks.0.mlp.down_proj'.*\['vision'\]"):
+        surgeon_fx.compress_model(model, plan, (), inputs, calibration=[text_only])
+    assert_state_equal(model, before)
+    plan = {"lrd": [{"roles": ["mlp_down"], "rank": 4, "method": "svd-llm", "towers": ["text"]}]}
+    surgeon_fx.compress_model(model, plan, (), inputs, calibration=[text_only])
+    assert len(journal_of_model(model).swaps) == 2
+
+
 def test_save_load_round_trip(tmp_path):
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)

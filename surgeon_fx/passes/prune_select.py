@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from torch import fx, nn
 from .._fx_utils import fetch_attr
 from ..analysis import Analysis, LinearSite
 from ..analysis.coupling import CouplingGroup, Slot
-from ..errors import PlanError
+from ..errors import PlanError, SurgeonWarning
 
 _TOLERANCE = 1e-6
 
@@ -113,10 +114,29 @@ def select_channels(
         kept = _kept_units(group, rule, index, tensors, stats)
         if len(kept) < group.size:
             selection.actions.append(PruneAction(group, kept, index))
+    _warn_idle_rules(rules, chosen, selection)
     _index_axes(selection, tensors)
     selection.sites = {p: s for p, s in selection.sites.items() if (p, "out") in selection.site_indices
                        or (p, "in") in selection.site_indices}
     return selection
+
+
+def _warn_idle_rules(rules: list, chosen: dict, selection: PruneSelection) -> None:
+    """Warn about each rule with a ratio above 0 that removes no unit, after rounding."""
+    busy = {action.rule_index for action in selection.actions}
+    for index, rule in enumerate(rules):
+        groups = [g for g, (i, _) in chosen.items() if i == index]
+        if rule.ratio > 0 and groups and index not in busy:
+            smallest = min(g.size for g in groups)
+            needed = (rule.round_to - 0.5) / smallest  # removes round_to units from the smallest group
+            fix = f"raise the ratio to at least {needed:.3g}" if needed < 1 else "lower round_to"
+            warnings.warn(
+                f"prune rule {index} (ratio {rule.ratio}, round_to {rule.round_to}) removes nothing from its "
+                f"{len(groups)} groups of {smallest} or more {_unit_word(groups[0])}, because whole units are "
+                f"kept and counts are rounded; {fix}",
+                SurgeonWarning,
+                stacklevel=4,
+            )
 
 
 def _selects(rule, index: int, group: CouplingGroup) -> bool:
@@ -205,6 +225,9 @@ def _input_norms(group: CouplingGroup, rule, index: int, stats) -> dict[str, tor
             f"of {missing[:3]}; pass calibration=batches of model inputs to compress(), or use "
             "criterion 'magnitude'"
         )
+    from ..plan import check_reached  # plan imports this module
+
+    check_reached(f"prune rule {index}", group.sites, stats)
     return {s.path: (stats[s.path].channel_norms, stats[s.path].tokens) for s in group.sites}
 
 
