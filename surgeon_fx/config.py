@@ -362,6 +362,11 @@ def _rule_block(selector: Selector, counts: dict, where: str) -> tuple[str | Non
             raise PlanError(f"{where}: paths {list(selector.paths)} do not name one block as \"<prefix>.*\"")
         block = selector.paths[0][:-2]
     if block not in counts:
+        if list(counts) == [FLAT]:
+            raise PlanError(
+                f"{where} applies to the tower {block!r}, but num_blocks is one count; pass a dict of tower "
+                f"name -> block count, such as {{{block!r}: {counts[FLAT]}}}"
+            )
         raise PlanError(f"{where} applies to blocks {block!r}, but num_blocks gives {sorted(map(str, counts))}")
     if selector.layers is None:
         return block, tuple(range(counts[block]))

@@ -706,8 +706,9 @@ def _compress_again(model, journal: LiveJournal, args, kwargs, hard: bool) -> nn
         )
     if not hard:
         warnings.warn(
-            "model is already soft-compressed; compress_model() did nothing and kept the current "
-            "factors and masks. Call surgeon_fx.restore_model(model) first to apply a new plan",
+            "the model is already soft-compressed, so nothing was applied and the current factors and "
+            "masks are kept. Restore it first (surgeon_fx.restore_model(model), or restore_all() on the "
+            "manager) to apply a new plan",
             SurgeonWarning,
             stacklevel=3,
         )

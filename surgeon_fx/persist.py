@@ -20,6 +20,7 @@ safetensors only, never pickle.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -86,6 +87,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
+        manifest["weights_sha256"] = _sha256(directory / WEIGHTS)
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     except OSError as err:
         raise CheckpointError(f"cannot write the checkpoint to {str(directory)!r}: {err.strerror}") from err
@@ -109,7 +111,9 @@ def load(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
     directory = Path(directory)
     manifest = _read_manifest(directory)
     _check_architecture(manifest, model)
-    weights = _read_weights(directory / manifest.get("weights", WEIGHTS))
+    weights_path = directory / manifest.get("weights", WEIGHTS)
+    _check_checksum(weights_path, manifest.get("weights_sha256"))
+    weights = _read_weights(weights_path)
     for alias, name in manifest.get("aliases", {}).items():
         if name not in weights:
             raise CheckpointError(f"{WEIGHTS} lacks {name!r}, which alias {alias!r} points to; save the model again")
@@ -261,7 +265,69 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(f"{str(path)!r} has format {found!r}, expected {FORMAT!r}")
+    _check_fields(manifest, path)
     return manifest
+
+
+# Fields of a manifest: name -> (allowed types, or allowed values as a tuple of strings).
+_FIELDS: dict[str, Any] = {
+    "architecture": str,
+    "kind": ("module", "graph_module"),
+    "state": ("none", "soft", "hard"),
+    "sites": list,
+    "aliases": dict,
+    "weights": str,
+}
+
+
+def _check_fields(manifest: dict[str, Any], path: Path) -> None:
+    """Raise CheckpointError for a missing or mistyped field, before anything is built."""
+    fields = dict(_FIELDS, edits=list) if manifest.get("kind") == "module" else _FIELDS
+    for name, allowed in fields.items():
+        value = manifest.get(name)
+        valid = value in allowed if isinstance(allowed, tuple) else isinstance(value, allowed)
+        if not valid:
+            expected = f"one of {list(allowed)}" if isinstance(allowed, tuple) else f"a {allowed.__name__}"
+            raise CheckpointError(
+                f"{str(path)!r}: field {name!r} is {value!r}, expected {expected}; the manifest was edited "
+                "or damaged, so save the model again"
+            )
+    for index, site in enumerate(manifest["sites"]):
+        if not (isinstance(site, dict) and isinstance(site.get("path"), str)
+                and isinstance(site.get("module"), dict) and isinstance(site.get("original"), dict)):
+            raise CheckpointError(
+                f"{str(path)!r}: site {index} needs a 'path', a 'module' and an 'original'; save the model again"
+            )
+    for index, edit in enumerate(manifest.get("edits", [])):
+        if not (isinstance(edit, dict) and {"target", "name", "before", "after"} <= set(edit)):
+            raise CheckpointError(
+                f"{str(path)!r}: edit {index} needs 'target', 'name', 'before' and 'after'; save the model again"
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_checksum(path: Path, expected: str | None) -> None:
+    """Compare the weights file with the SHA-256 the manifest recorded (older checkpoints have none)."""
+    if expected is None:
+        return
+    try:
+        found = _sha256(path)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{str(path)!r} not found; save the model again") from err
+    except OSError as err:
+        raise CheckpointError(f"cannot read {str(path)!r}: {err.strerror}; save the model again") from err
+    if found != expected:
+        raise CheckpointError(
+            f"{str(path)!r} changed since it was saved: its SHA-256 is {found[:12]}..., the manifest "
+            f"recorded {expected[:12]}...; save the model again"
+        )
 
 
 def _check_architecture(manifest: dict[str, Any], model: nn.Module) -> None:
@@ -325,7 +391,8 @@ def _check_original(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
             f"(out x in) but the model's {type(module).__name__} is {out_features}x{in_features}; load into a "
             "model built from the original config. Hard pruning writes the new head and neuron counts "
             "into model.config in place, so build the fresh model from a copy of the config made "
-            "before compression, or from the saved config.json"
+            "before compression (copy.deepcopy(model.config)), or from the config.json that "
+            "surgeon-fx compress writes"
         )
     return module
 

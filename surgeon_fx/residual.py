@@ -158,7 +158,10 @@ def _check_untied(model: nn.Module, stream: _Stream) -> None:
         tensor = fetch_attr(model, slot.target if slot.kind == "param" else f"{slot.target}.weight")
         owner = owners.setdefault(id(tensor), slot.target)
         if owner != slot.target:
-            stream.problems.append(f"{slot.target} and {owner} share one weight tensor (tied weights)")
+            stream.problems.append(
+                f"{slot.target} and {owner} share one weight tensor (tied weights; untie them first with "
+                f"module.weight = torch.nn.Parameter(module.weight.clone()) on {slot.target})"
+            )
 
 
 def _add_writers(model, analysis, capture, outside: dict, rows: set, first_block: str, stream: _Stream, by_node) -> None:

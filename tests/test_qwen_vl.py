@@ -456,6 +456,8 @@ def test_skip_connection_ratio_per_tower_in_config():
     plan = config.to_plan(surgeon_fx.analyze(surgeon_fx.capture(model, (), inputs)))
     assert [(r.unit, r.selector.towers, r.ratio) for r in plan.prune] == [("hidden", ("vision",), 0.25)]
     assert CompressionConfig.from_plan(plan, {"vision": 2, "text": 2}).pruning_ratio_skip_connections == {"vision": 0.25}
+    with pytest.raises(PlanError, match=r"the tower 'vision', but num_blocks is one count; pass a dict"):
+        CompressionConfig.from_plan(PER_TOWER.to_plan(), 2)
     manager = CompressionSchemesManager(model, config, (), inputs)
     manager.apply_all(hard=False)
     swapped = {swap.path for swap in journal_of_model(model).swaps}

@@ -172,7 +172,42 @@ def test_truncated_weights_rejected(saved, tmp_path):
     directory = copy_checkpoint(saved, tmp_path)
     data = (directory / "model.safetensors").read_bytes()
     (directory / "model.safetensors").write_bytes(data[: len(data) // 2])
+    load_rejected(directory, causal_lm("llama"), "changed since it was saved")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["weights_sha256"]  # as in a checkpoint written before checksums
+    (directory / "manifest.json").write_text(json.dumps(manifest))
     load_rejected(directory, causal_lm("llama"), "truncated or not a safetensors file")
+
+
+def test_flipped_weight_bytes_rejected(saved, tmp_path):
+    directory = copy_checkpoint(saved, tmp_path)
+    data = bytearray((directory / "model.safetensors").read_bytes())
+    data[-4:] = b"\xff\xff\xff\x7f"  # the last float becomes NaN; the file still parses
+    (directory / "model.safetensors").write_bytes(bytes(data))
+    load_rejected(directory, causal_lm("llama"), r"SHA-256 is [0-9a-f]{12}\.\.\., the manifest recorded")
+
+
+EDITS = {
+    "no state": (lambda m: m.pop("state"), r"field 'state' is None, expected one of \['none', 'soft', 'hard'\]"),
+    "unknown state": (lambda m: m.update(state="Bogus"), r"field 'state' is 'Bogus'"),
+    "no edits": (lambda m: m.pop("edits"), r"field 'edits' is None, expected a list"),
+    "sites null": (lambda m: m.update(sites=None), r"field 'sites' is None"),
+    "aliases null": (lambda m: m.update(aliases=None), r"field 'aliases' is None"),
+    "unknown kind": (lambda m: m.update(kind="Bogus"), r"field 'kind' is 'Bogus'"),
+    "no architecture": (lambda m: m.pop("architecture"), r"field 'architecture' is None, expected a str"),
+    "site without module": (lambda m: m["sites"][0].pop("module"), r"site 0 needs a 'path', a 'module'"),
+    "bad edit": (lambda m: m["edits"].append({"name": "x"}), r"edit \d+ needs 'target'"),
+}
+
+
+@pytest.mark.parametrize("change", EDITS, ids=list(EDITS))
+def test_edited_manifest_rejected(saved, tmp_path, change):
+    directory = copy_checkpoint(saved, tmp_path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    edit, message = EDITS[change]
+    edit(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    load_rejected(directory, causal_lm("llama"), message)
 
 
 def test_invalid_manifest_rejected(saved, tmp_path):

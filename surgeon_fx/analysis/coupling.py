@@ -384,7 +384,10 @@ def _follow_user(walk: HiddenWalk, node: fx.Node, dim: int, user: fx.Node) -> li
         if site.input is node:
             walk.add_site(site, "in")
         else:
-            walk.problems.append(f"{site.path} uses a hidden-size tensor as its weight (tied weights)")
+            walk.problems.append(
+                f"{site.path} uses a hidden-size tensor as its weight (tied weights; untie them first with "
+                f"module.weight = torch.nn.Parameter(module.weight.clone()) on {site.path})"
+            )
         return []
     if name == "mean" and _reduces(user, node, dim):
         walk.norm_nodes.append(user)  # RMSNorm: mean(x ** 2, -1)
