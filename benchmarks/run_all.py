@@ -193,6 +193,27 @@ def fidelity_section() -> str:
     ])
 
 
+def multimodal_section() -> str:
+    data = load("multimodal_hidden.json")
+    if data is None:
+        return "Not run."
+    seconds, share = data["seconds"], data["fraction_of_capture"]
+    rows = [[step, f"{seconds[key]:.2f}", f"{share[key]:.2f}" if key in share else "1.00"]
+            for step, key in (("capture and analysis", "capture_and_analysis"), ("hidden-size join", "join"),
+                              ("soft compression", "soft"), ("hard compression", "hard"))]
+    params = data["params"]
+    return "\n".join([
+        f"A Qwen2.5-VL built from a config (vision width 256, text width 512, 4 blocks each) on one image of "
+        f"{data['patches']} patches and {data['tokens']} tokens, with the quick start's per-tower head and neuron "
+        "pruning and 10% of each tower's hidden size, from `benchmarks/multimodal_hidden.py`. "
+        f"Restore bit-exact: {data['restore_bit_exact']}; largest |hard - soft| logit difference "
+        f"{data['max_abs_hard_minus_soft']:.1e}; parameters {params['before']:,} -> {params['after']:,}; "
+        f"hidden sizes {data['hidden_sizes']['vision']} (vision) and {data['hidden_sizes']['text']} (text).",
+        "",
+        table(["step", "seconds", "share of capture"], rows),
+    ])
+
+
 def write_readme(runs: list[dict]) -> None:
     analysis = ANALYSIS.read_text().strip() if ANALYSIS.exists() else ""
     sections = [
@@ -213,6 +234,8 @@ def write_readme(runs: list[dict]) -> None:
         torch_pruning_section(),
         "## Fidelity on MiniLM",
         fidelity_section(),
+        "## Hidden-size pruning of a multimodal model",
+        multimodal_section(),
     ]
     (HERE / "README.md").write_text("\n\n".join(sections) + "\n")
 
@@ -231,6 +254,7 @@ def main() -> None:
         runs.append(run("inference.py", "--threads", args.threads, "--profile-below", "0.9"))
         runs.append(run("compression_cost.py", "--threads", args.threads))
         runs.append(run("torch_pruning_compare.py", "--threads", args.threads))
+        runs.append(run("multimodal_hidden.py"))
         if args.fidelity:
             runs.append(run("fidelity.py"))
         if args.compile_backend:

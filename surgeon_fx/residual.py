@@ -119,7 +119,7 @@ def blockwise_hidden_groups(model: nn.Module, analysis: Analysis, args: tuple, k
 def _tower_stream(model, analysis: Analysis, capture: BlockwiseCapture, stack: str, calls, stream: _Stream) -> None:
     by_node = {site.node: site for site in analysis.sites}
     blocks = [f"{stack}.{name}" for name, _ in model.get_submodule(stack).named_children()]
-    parts = {part.path: index for index, part in enumerate(capture.parts)}
+    parts = {part.path for part in capture.parts}
     missing = [b for b in blocks if b not in parts or b not in calls]
     if missing:
         stream.problems.append(f"the blocks {missing[:3]} were not captured, so their hidden size cannot change")
@@ -208,11 +208,10 @@ def _add_readers(model, analysis, capture, outside: dict, rows: set, stream: _St
 def _walk_part(model, analysis, capture, path: str, call: _Call, hidden: int, side: str, by_node) -> HiddenWalk:
     """Walk the hidden dimension in the graph of ``path``, from its ``side`` (input or output)."""
     index = next((i for i, part in enumerate(capture.parts) if part.path == path), None)
-    if index is not None:
-        graph, placeholders = analysis.gm.graph, [
-            n for n in analysis.gm.graph.nodes if n.op == "placeholder" and n.meta.get(PART_META) == path
-        ]
-        output = next(n for n in graph.nodes if n.op == "output").args[0][index]
+    if index is not None:  # a captured part: its nodes in the joined graph
+        nodes = analysis.gm.graph.nodes
+        placeholders = [n for n in nodes if n.op == "placeholder" and n.meta.get(PART_META) == path]
+        output = next(n for n in nodes if n.op == "output").args[0][index]
     else:
         module = model.get_submodule(path)
         if any(isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for m in module.modules()):
