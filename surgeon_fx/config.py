@@ -143,8 +143,15 @@ class CompressionConfig:
                             f"its roles are {sorted(roles)}. Remove the key"
                         )
         if isinstance(self.pruning_ratio_skip_connections, dict):
-            for tower in self.pruning_ratio_skip_connections:
-                _block_prefix(_tower_name(tower, analysis), counts, "pruning_ratio_skip_connections")
+            named: dict[str, str] = {}
+            for key in self.pruning_ratio_skip_connections:
+                tower = _block_prefix(_tower_name(key, analysis), counts, "pruning_ratio_skip_connections")
+                if tower in named:
+                    raise PlanError(
+                        f"pruning_ratio_skip_connections names the tower {tower!r} twice, as {named[tower]!r} "
+                        f"and {key!r}; keep one of them"
+                    )
+                named[tower] = key
 
     def to_plan(self, analysis: Analysis | None = None) -> Plan:
         """Return the :class:`Plan` these lists describe, validated against ``analysis`` if given.

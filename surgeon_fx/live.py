@@ -299,6 +299,8 @@ def preview(analysis: Analysis, plan: Plan, stats=None, *, model: nn.Module | No
     for site in analysis.sites:
         out_idx, in_idx = indices.get((site.path, "out")), indices.get((site.path, "in"))
         if site.path in actions or out_idx is not None or in_idx is not None:
+            if site.path in actions and selection:
+                _check_pruned_rank(site, actions[site.path], *selection.site_shape(site))
             rows.append(_row(site, actions.get(site.path), out_idx, in_idx, selection))
     if model is not None and selection:
         rows += [change.row for change in hidden_changes(model, selection, build=False)]
@@ -460,13 +462,7 @@ def _build_soft(module, site, action, out_idx, in_idx, stats) -> nn.Module:
     if action is None:
         inner = _linear(weight.clone(), None if bias is None else bias.clone())
     else:
-        limit = min(kept_w.shape)
-        if action.rank > limit:
-            raise PlanError(
-                f"lrd rule {action.rule_index}: rank {action.rank} exceeds min(out_features, in_features) "
-                f"= {limit} of {site.path} after pruning ({kept_w.shape[0]}x{kept_w.shape[1]}); "
-                f"use a rank <= {limit}"
-            )
+        _check_pruned_rank(site, action, *kept_w.shape)
         site_stats = _kept_stats(stats.get(site.path), in_idx) if stats else None
         small = _factor(kept_w, kept_b, action.rank, action.method, site_stats)
         if out_idx is None and in_idx is None:
@@ -475,6 +471,15 @@ def _build_soft(module, site, action, out_idx, in_idx, stats) -> nn.Module:
     in_mask = _mask(in_idx, weight.shape[1], weight)
     out_mask = _mask(out_idx, weight.shape[0], weight)
     return MaskedLinear(inner, in_mask, out_mask)
+
+
+def _check_pruned_rank(site: LinearSite, action, out_features: int, in_features: int) -> None:
+    limit = min(out_features, in_features)
+    if action.rank > limit:
+        raise PlanError(
+            f"lrd rule {action.rule_index}: rank {action.rank} exceeds min(out_features, in_features) "
+            f"= {limit} of {site.path} after pruning ({out_features}x{in_features}); use a rank <= {limit}"
+        )
 
 
 def _factor(weight, bias, rank: int, method: str, site_stats: SiteStats | None) -> LinearLRD:

@@ -10,10 +10,12 @@ A checkpoint is a directory with two files:
   shape of the original layer. Hard head and neuron pruning also lists the
   attributes it set on modules and on ``model.config``.
 
-:func:`load` reads both files, checks them against the model, builds every new
-module, and only then changes the model, so a missing file, a manifest from
-another architecture, shapes that do not match or a truncated weights file raise
-:class:`CheckpointError` with the model as it was. Loading reads JSON and
+The weights file's metadata records the SHA-256 of the manifest, and the manifest
+records the SHA-256 of the weights file, so an edit of either file after saving is
+caught. :func:`load` reads both files, checks them against the model, builds every
+new module, and only then changes the model, so a missing or changed file, a
+manifest from another architecture, shapes that do not match or a truncated
+weights file raise :class:`CheckpointError` with the model as it was. Loading reads JSON and
 safetensors only, never pickle.
 """
 
@@ -86,7 +88,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
+        metadata = {"format": FORMAT, "manifest_sha256": _manifest_digest(manifest)}
+        save_file(tensors, str(directory / WEIGHTS), metadata=metadata)
         manifest["weights_sha256"] = _sha256(directory / WEIGHTS)
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     except OSError as err:
@@ -112,8 +115,8 @@ def load(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
     manifest = _read_manifest(directory)
     _check_architecture(manifest, model)
     weights_path = directory / manifest.get("weights", WEIGHTS)
-    _check_checksum(weights_path, manifest.get("weights_sha256"))
-    weights = _read_weights(weights_path)
+    weights, metadata = _read_weights(weights_path)
+    _check_checksums(directory / MANIFEST, manifest, weights_path, metadata)
     for alias, name in manifest.get("aliases", {}).items():
         if name not in weights:
             raise CheckpointError(f"{WEIGHTS} lacks {name!r}, which alias {alias!r} points to; save the model again")
@@ -278,6 +281,8 @@ _FIELDS: dict[str, Any] = {
     "aliases": dict,
     "weights": str,
 }
+# Optional fields: name -> type.
+_OPTIONAL_FIELDS = {"weights_sha256": str}
 
 
 def _check_fields(manifest: dict[str, Any], path: Path) -> None:
@@ -292,6 +297,17 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
                 f"{str(path)!r}: field {name!r} is {value!r}, expected {expected}; the manifest was edited "
                 "or damaged, so save the model again"
             )
+    for name, allowed in _OPTIONAL_FIELDS.items():
+        if name in manifest and not isinstance(manifest[name], allowed):
+            raise CheckpointError(
+                f"{str(path)!r}: field {name!r} is {manifest[name]!r}, expected a {allowed.__name__}; "
+                "save the model again"
+            )
+    if Path(manifest["weights"]).name != manifest["weights"]:
+        raise CheckpointError(
+            f"{str(path)!r}: field 'weights' is {manifest['weights']!r}, expected a file name in the "
+            "checkpoint's directory; save the model again"
+        )
     for index, site in enumerate(manifest["sites"]):
         if not (isinstance(site, dict) and isinstance(site.get("path"), str)
                 and isinstance(site.get("module"), dict) and isinstance(site.get("original"), dict)):
@@ -313,10 +329,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_checksum(path: Path, expected: str | None) -> None:
-    """Compare the weights file with the SHA-256 the manifest recorded (older checkpoints have none)."""
-    if expected is None:
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """Return the SHA-256 of the manifest's content, leaving out the weights checksum written after it."""
+    body = {key: value for key, value in manifest.items() if key != "weights_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_checksums(manifest_path: Path, manifest: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
+    """Check that neither file changed since :func:`save` wrote them.
+
+    The weights file's metadata records the SHA-256 of the manifest, and the
+    manifest records the SHA-256 of the weights file. Checkpoints from before checksums have
+    neither and are not checked.
+    """
+    recorded = metadata.get("manifest_sha256")
+    if recorded is None:
         return
+    if recorded != _manifest_digest(manifest) or not isinstance(manifest.get("weights_sha256"), str):
+        raise CheckpointError(
+            f"{str(manifest_path)!r} changed since it was saved (its SHA-256 no longer matches the one "
+            "recorded in the weights file); save the model again"
+        )
+    expected = manifest["weights_sha256"]
     try:
         found = _sha256(path)
     except FileNotFoundError as err:
@@ -350,14 +384,17 @@ def _check_architecture(manifest: dict[str, Any], model: nn.Module) -> None:
         )
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Return the tensors and the metadata of a safetensors file."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} not found; the checkpoint is incomplete, save the model again")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
             f"cannot read {str(path)!r}, which is truncated or not a safetensors file ({err}); save the model again"

@@ -280,7 +280,8 @@ def _check_stats(rule: LRDRule, index: int, sites: list[LinearSite], stats: dict
     if stats is None:
         raise PlanError(
             f"lrd rule {index} uses method {rule.method!r}, which needs calibration; pass "
-            "calibration=batches of model inputs to compress(), or use method 'svd'"
+            "calibration=batches of model inputs to compress(), compress_model() or "
+            "CompressionSchemesManager(), or use method 'svd'"
         )
     missing = [s.path for s in sites if s.path not in stats]
     if missing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -295,9 +296,9 @@ def test_no_warnings_for_uniform_hard_pruning():
 
 
 @pytest.mark.parametrize("rule, fix", [
-    ({"unit": "hidden", "ratio": 0.1, "round_to": 8}, "raise the ratio to at least 0.117"),
+    ({"unit": "hidden", "ratio": 0.1, "round_to": 8}, "raise the ratio to at least 0.1172"),
     ({"unit": "mlp_neurons", "ratio": 0.25, "round_to": 256}, "lower round_to"),
-    ({"unit": "mlp_neurons", "ratio": 0.001}, "raise the ratio to at least 0.00391"),
+    ({"unit": "mlp_neurons", "ratio": 0.001}, "raise the ratio to at least 0.004"),
 ])
 def test_prune_rule_that_removes_nothing_warns_and_changes_nothing(rule, fix):
     model, ids = causal_lm("llama"), token_ids()
@@ -307,3 +308,17 @@ def test_prune_rule_that_removes_nothing_warns_and_changes_nothing(rule, fix):
     assert any("changes no module" in str(w.message) for w in caught)
     assert_state_equal(model, before)
     assert journal_of_model(model) is None
+
+
+@pytest.mark.parametrize("rule", [
+    {"unit": "hidden", "ratio": 0.1, "round_to": 8},
+    {"unit": "mlp_neurons", "ratio": 0.001},
+    {"unit": "mlp_neurons", "ratio": 0.2, "round_to": 32},
+])
+def test_suggested_ratio_of_an_idle_rule_removes_units(rule):
+    model, ids = causal_lm("llama"), token_ids()
+    with pytest.warns(SurgeonWarning, match="raise the ratio to at least") as caught:
+        surgeon_fx.compress_model(model, {"prune": [rule]}, (ids,))
+    suggested = float(re.search(r"at least ([0-9.]+)", str(caught[0].message)).group(1))
+    surgeon_fx.compress_model(model, {"prune": [{**rule, "ratio": suggested}]}, (ids,))
+    assert journal_of_model(model) is not None

@@ -232,3 +232,12 @@ def test_key_without_sites_rejected():
     config = CompressionConfig(lrd_rank_lists={"encoder": {"mlp_gate": [4, 4]}})
     with pytest.raises(PlanError, match=r"\['encoder'\]\['mlp_gate'\]: 'encoder' has no site with role in \['mlp_gate'\]"):
         CompressionSchemesManager(model, config, (torch.randn(2, 8, 32),))
+
+
+def test_rank_above_pruned_width_rejected_when_the_manager_is_built():
+    model, ids = causal_lm("llama"), token_ids()
+    config = CompressionConfig(lrd_rank_lists={"mlp_down": [60, 60]}, pruning_ratio_skip_connections=0.125)
+    before = state_snapshot(model)
+    with pytest.raises(PlanError, match=r"rank 60 exceeds .* = 56 of model.layers.0.mlp.down_proj after pruning"):
+        CompressionSchemesManager(model, config, (ids,))
+    assert_state_equal(model, before)

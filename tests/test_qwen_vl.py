@@ -477,6 +477,7 @@ def test_skip_connection_rule_by_stack_prefix():
 @pytest.mark.parametrize("skip, message", [
     ({"audio": 0.1}, r"pruning_ratio_skip_connections\['audio'\]: the model has no blocks 'audio'"),
     ({"vision": 1.0}, r"pruning_ratio_skip_connections\['vision'\]: invalid pruning ratio 1.0"),
+    ({"text": 0.25, "model.language_model.layers": 0.125}, r"names the tower 'text' twice, as 'text' and 'model"),
 ])
 def test_skip_connection_ratio_per_tower_rejected(skip, message):
     model = build("qwen2_5_vl")

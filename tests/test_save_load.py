@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import torch
 from causal_lms import assert_state_equal, causal_lm, generate, logits, state_snapshot, token_ids
 
@@ -165,6 +166,10 @@ def test_manifest_rank_mismatch_rejected(saved, tmp_path):
     site = next(s for s in manifest["sites"] if s["path"] == "model.layers.1.mlp.down_proj")
     site["module"]["inner"]["rank"] = 6
     (directory / "manifest.json").write_text(json.dumps(manifest))
+    load_rejected(directory, causal_lm("llama"), "manifest.json' changed since it was saved")
+    # A checkpoint written before checksums is not checked, so the shapes must catch the edit.
+    weights = safetensors.torch.load_file(directory / "model.safetensors")
+    safetensors.torch.save_file(weights, directory / "model.safetensors", metadata={"format": "surgeon_fx.checkpoint/1"})
     load_rejected(directory, causal_lm("llama"), r"'model.layers.1.mlp.down_proj.inner.v' has shape \[8, 128\] but the model expects \[6, 128\]")
 
 
@@ -172,10 +177,6 @@ def test_truncated_weights_rejected(saved, tmp_path):
     directory = copy_checkpoint(saved, tmp_path)
     data = (directory / "model.safetensors").read_bytes()
     (directory / "model.safetensors").write_bytes(data[: len(data) // 2])
-    load_rejected(directory, causal_lm("llama"), "changed since it was saved")
-    manifest = json.loads((directory / "manifest.json").read_text())
-    del manifest["weights_sha256"]  # as in a checkpoint written before checksums
-    (directory / "manifest.json").write_text(json.dumps(manifest))
     load_rejected(directory, causal_lm("llama"), "truncated or not a safetensors file")
 
 
@@ -197,6 +198,14 @@ EDITS = {
     "no architecture": (lambda m: m.pop("architecture"), r"field 'architecture' is None, expected a str"),
     "site without module": (lambda m: m["sites"][0].pop("module"), r"site 0 needs a 'path', a 'module'"),
     "bad edit": (lambda m: m["edits"].append({"name": "x"}), r"edit \d+ needs 'target'"),
+    "checksum not text": (lambda m: m.update(weights_sha256=7), r"field 'weights_sha256' is 7, expected a str"),
+    "absolute weights path": (lambda m: m.update(weights="/tmp/model.safetensors"), r"expected a file name"),
+    # Well-formed edits that would load into a model that cannot run:
+    "edited count": (lambda m: m["edits"].append({"target": "model.layers.0.self_attn", "name": "head_dim",
+                                                 "before": 16, "after": 3}), "changed since it was saved"),
+    "state flipped": (lambda m: m.update(state="hard"), "changed since it was saved"),
+    "dtype changed": (lambda m: m["sites"][0]["module"].update(dtype="float16"), "changed since it was saved"),
+    "checksum removed": (lambda m: m.pop("weights_sha256"), "changed since it was saved"),
 }
 
 

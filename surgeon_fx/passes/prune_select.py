@@ -128,8 +128,10 @@ def _warn_idle_rules(rules: list, chosen: dict, selection: PruneSelection) -> No
         groups = [g for g, (i, _) in chosen.items() if i == index]
         if rule.ratio > 0 and groups and index not in busy:
             smallest = min(g.size for g in groups)
-            needed = (rule.round_to - 0.5) / smallest  # removes round_to units from the smallest group
-            fix = f"raise the ratio to at least {needed:.3g}" if needed < 1 else "lower round_to"
+            # Removing round_to units from the smallest group takes ratio * n + 0.5 >= round_to;
+            # the suggestion is rounded up, so that it acts as written.
+            needed = math.ceil((rule.round_to - 0.5) / smallest * 10_000) / 10_000
+            fix = f"raise the ratio to at least {needed:g}" if needed < 1 else "lower round_to"
             warnings.warn(
                 f"prune rule {index} (ratio {rule.ratio}, round_to {rule.round_to}) removes nothing from its "
                 f"{len(groups)} groups of {smallest} or more {_unit_word(groups[0])}, because whole units are "
