@@ -7,12 +7,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import fx
 
 from .analysis import analyze
 from .blockwise import is_blockwise
 from .calibration import CalibrationStats, calibrate
-from .errors import PlanError, RestoreError, SurgeonError, SurgeonWarning
+from .errors import PlanError, RestoreError, RewriteError, SurgeonError, SurgeonWarning
 from .passes.decompose_linear import decompose_linear
 from .passes.manager import PassManager, journal_of, make_permanent, undo
 from .passes.prune_compose import prune_passes
@@ -60,7 +61,6 @@ def compress(
     Raises:
         PlanError: the plan is invalid for this model; nothing was changed.
         RewriteError: a pass failed; the graph module was rolled back.
-        NotImplementedError: ``hard=True`` on a soft-pruned graph module.
     """
     if not isinstance(gm, fx.GraphModule):
         raise PlanError(
@@ -82,12 +82,9 @@ def compress(
         )
     if journal.state == "soft":
         if hard and any(e.pass_name == "prune_channels" for e in journal.entries):
-            # TODO: turn the gather/scatter nodes of a soft prune into rewritten shape constants.
-            raise NotImplementedError(
-                "making a soft prune hard is not supported; call surgeon_fx.restore(gm) and "
-                "compress again with hard=True"
-            )
-        if hard:
+            _harden_soft_prune(gm, journal)
+            logger.info("made the soft pruning permanent (%d rewrites)", len(journal.rewrites))
+        elif hard:
             make_permanent(gm)
             logger.info("made the soft compression permanent (%d rewrites)", len(journal.rewrites))
         else:
@@ -99,10 +96,18 @@ def compress(
             )
         return gm
 
-    analysis = analyze(gm)
     if calibration is not None:
         calibration = list(calibration)
-        stats = calibrate(gm, calibration, plan.calibrated_sites(analysis), progress=progress)
+        stats = calibrate(gm, calibration, plan.calibrated_sites(analyze(gm)), progress=progress)
+    _run_plan(gm, plan, hard, stats, calibration)
+    if hard:
+        make_permanent(gm)
+    return gm
+
+
+def _run_plan(gm: fx.GraphModule, plan: Plan, hard: bool, stats, calibration: list | None) -> None:
+    """Run the passes of ``plan`` on an uncompressed ``gm``, leaving them undoable."""
+    analysis = analyze(gm)
     actions = plan.resolve_lrd(analysis, stats=stats)
     if plan.prune:
         PassManager(gm).run(prune_passes(plan, analysis, actions, hard=hard, stats=stats))
@@ -110,10 +115,38 @@ def compress(
         _decompose_sequentially(gm, actions, calibration)
     else:
         PassManager(gm).run([("decompose_linear", decompose_linear(actions, stats=stats))])
+    journal = journal_of(gm)
     journal.plan = plan.to_dict()
-    if hard:
-        make_permanent(gm)
-    return gm
+    journal.stats = stats
+
+
+def _harden_soft_prune(gm: fx.GraphModule, journal) -> None:
+    """Make a soft prune hard, keeping the current (possibly fine-tuned) compact tensors.
+
+    A soft prune stores every pruned tensor in its compact shape, under the name the
+    hard prune gives it, and adds gather and scatter index buffers. So the graph is
+    restored, compressed again hard with the same plan and statistics (which select
+    the same channels of the original weights), and given the soft tensors. If that
+    fails, the soft compression is put back with its tensors.
+    """
+    current = {name: tensor.detach().clone() for name, tensor in gm.state_dict().items()}
+    plan, stats = Plan.coerce(journal.plan), journal.stats
+    restore(gm)
+    try:
+        _run_plan(gm, plan, True, stats, None)
+        hard_state = gm.state_dict()
+        missing = [n for n, t in hard_state.items() if n not in current or current[n].shape != t.shape]
+        if missing:
+            raise RewriteError(f"the soft and hard forms of the plan store different tensors, such as {missing[:3]}")
+        with torch.no_grad():
+            for name, tensor in hard_state.items():
+                tensor.copy_(current[name])
+    except Exception:
+        undo(gm, len(journal_of(gm).entries))
+        _run_plan(gm, plan, False, stats, None)
+        gm.load_state_dict(current)
+        raise
+    make_permanent(gm)
 
 
 def _decompose_sequentially(gm: fx.GraphModule, actions: list, calibration: list | None) -> None:

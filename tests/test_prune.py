@@ -258,12 +258,41 @@ def test_prune_lrd_hard_matches_soft(captured):
         torch.testing.assert_close(output_tensor(hard_gm(*args)), output_tensor(soft_gm(*args)), atol=TOLERANCE, rtol=0)
 
 
-def test_soft_prune_then_hard_rejected(captured):
-    gm, _, _ = captured("llama")
-    surgeon_fx.compress(gm, {"prune": [{"unit": "mlp_neurons", "ratio": 0.5}]})
+@pytest.mark.parametrize("name, plan", [
+    ("llama", {"prune": [{"unit": "mlp_neurons", "ratio": 0.5}, {"unit": "heads", "ratio": 0.5}],
+               "lrd": [{"roles": ["mlp_down"], "rank": 8}]}),
+    ("bert", {"prune": [{"unit": "hidden", "ratio": 0.25}, {"unit": "heads", "ratio": 0.25}]}),
+])
+def test_soft_prune_then_hard_keeps_the_trained_tensors(captured, name, plan):
+    gm, args, kwargs = captured(name)
+    surgeon_fx.compress(gm, plan)
+    with torch.no_grad():  # stands in for fine-tuning the soft model
+        for parameter in gm.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+        soft = output_tensor(gm(*args, **kwargs))
+    soft_params = sum(p.numel() for p in gm.parameters())
 
-    with pytest.raises(NotImplementedError, match="restore"):
-        surgeon_fx.compress(gm, {"prune": [{"unit": "mlp_neurons", "ratio": 0.5}]}, hard=True)
+    surgeon_fx.compress(gm, plan, hard=True)
+    with torch.no_grad():
+        hard = output_tensor(gm(*args, **kwargs))
+    if hard.shape != soft.shape:  # a pruned hidden size: soft has zeros in the removed channels
+        soft = soft[..., soft.flatten(0, -2).abs().sum(0) != 0]
+    torch.testing.assert_close(hard, soft, atol=1e-4, rtol=1e-4)
+    assert not any("surgeon_fx_prune" in n for n, _ in gm.named_buffers())  # no gather or scatter left
+    assert sum(p.numel() for p in gm.parameters()) == soft_params  # soft stored them compact already
+    with pytest.raises(surgeon_fx.RestoreError):
+        surgeon_fx.restore(gm)
+
+
+def test_soft_prune_then_hard_with_activation_criterion(captured):
+    gm, args, kwargs = captured("llama")
+    plan = {"prune": [{"unit": "mlp_neurons", "ratio": 0.5, "criterion": "activation"}]}
+    surgeon_fx.compress(gm, plan, calibration=[args])
+    with torch.no_grad():
+        soft = output_tensor(gm(*args, **kwargs))
+    surgeon_fx.compress(gm, plan, hard=True)  # the statistics of the soft run select the same neurons
+    with torch.no_grad():
+        torch.testing.assert_close(output_tensor(gm(*args, **kwargs)), soft, atol=TOLERANCE, rtol=0)
 
 
 BAD_PLANS = [

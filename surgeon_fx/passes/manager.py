@@ -50,6 +50,7 @@ class JournalEntry:
 class Journal:
     entries: list[JournalEntry] = field(default_factory=list)
     plan: dict[str, Any] | None = None
+    stats: Any = None  # calibration statistics of the plan, to make a soft prune hard
 
     @property
     def state(self) -> str:

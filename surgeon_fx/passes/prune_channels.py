@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from .._fx_utils import fetch_attr, op_name
 from ..analysis import LinearSite
+from ..errors import PlanError
 from ..masking import ChannelGather, ChannelScatter
 from .manager import PassResult, Rewriter
 from .prune_select import PruneSelection
@@ -97,7 +98,7 @@ def _tensor_paths(site: LinearSite) -> tuple[str, str | None]:
         return f"{site.node.target}.weight", f"{site.node.target}.bias"
     if site.weight_node is None or site.weight_node.op != "get_attr":
         # NOTE: Dynamo graphs pass weights as placeholders; pruning needs captured graphs.
-        raise NotImplementedError(
+        raise PlanError(
             f"cannot prune {site.path}: its weight is not a module attribute; capture the model "
             "with surgeon_fx.capture instead of pruning inside torch.compile"
         )
@@ -111,7 +112,10 @@ def _swap_containers(gm: fx.GraphModule, rewriter: Rewriter, tensors: dict[str, 
     for path, tensor in tensors.items():
         container, _, name = path.rpartition(".")
         if not container:
-            raise NotImplementedError(f"cannot prune {path!r}: tensors on the root module cannot be swapped")
+            raise PlanError(
+                f"cannot prune {path!r}: a tensor held by the graph module itself cannot be swapped; "
+                "capture a model whose parameters live in submodules"
+            )
         by_container.setdefault(container, {})[name] = tensor
     for container, replacements in by_container.items():
         rewriter.swap_module(container, _copy_with(fetch_attr(gm, container), replacements))
