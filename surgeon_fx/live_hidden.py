@@ -80,7 +80,10 @@ class MaskedChannels(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["inner"], name)
+            inner = self.__dict__.get("_modules", {}).get("inner")  # absent while unpickling
+            if inner is None:
+                raise
+            return getattr(inner, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.inner(*args, **kwargs)
