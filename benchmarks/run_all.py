@@ -203,12 +203,14 @@ def multimodal_section() -> str:
                               ("soft compression", "soft"), ("hard compression", "hard"))]
     params = data["params"]
     return "\n".join([
-        f"A Qwen2.5-VL built from a config (vision width 256, text width 512, 4 blocks each) on one image of "
-        f"{data['patches']} patches and {data['tokens']} tokens, with the quick start's per-tower head and neuron "
-        "pruning and 10% of each tower's hidden size, from `benchmarks/multimodal_hidden.py`. "
-        f"Restore bit-exact: {data['restore_bit_exact']}; largest |hard - soft| logit difference "
-        f"{data['max_abs_hard_minus_soft']:.1e}; parameters {params['before']:,} -> {params['after']:,}; "
-        f"hidden sizes {data['hidden_sizes']['vision']} (vision) and {data['hidden_sizes']['text']} (text).",
+        f"A Qwen2.5-VL built from a config (vision width 256, text width 512, 4 blocks each) runs one image of "
+        f"{data['patches']} patches and {data['tokens']} tokens, from `benchmarks/multimodal_hidden.py`. The plan "
+        "is the quick start's per-tower head and neuron pruning with 10% of each tower's hidden size.",
+        "",
+        f"- restore bit-exact: {data['restore_bit_exact']}",
+        f"- largest |hard - soft| logit difference: {data['max_abs_hard_minus_soft']:.1e}",
+        f"- parameters: {params['before']:,} -> {params['after']:,}",
+        f"- hidden sizes: {data['hidden_sizes']['vision']} (vision) and {data['hidden_sizes']['text']} (text)",
         "",
         table(["step", "seconds", "share of capture"], rows),
     ])

@@ -151,7 +151,7 @@ def calibrate(
 
     A batch is a dict of keyword inputs, a tuple of positional inputs or a tensor.
     With ``model`` (the live model ``gm`` was captured from), the batches run
-    through ``model`` and hooks record the sites' inputs; a blockwise capture needs
+    through ``model`` and hooks record the sites' inputs. A blockwise capture needs
     this.
 
     Raises:

@@ -201,8 +201,8 @@ def capture_for_analysis(
 def join_hidden_groups(model: nn.Module, analysis: Analysis, plan: Plan, args: tuple, kwargs: dict) -> None:
     """Put the towers' joined hidden-size groups into ``analysis`` when ``plan`` prunes the hidden size.
 
-    The groups of a blockwise capture stop at each block's inputs; this joins them
-    from one eager run (see :mod:`surgeon_fx.residual`). Nothing happens for a
+    The groups of a blockwise capture stop at each block's inputs, so this function
+    joins them from one eager run (see :mod:`surgeon_fx.residual`). Nothing happens for a
     whole capture, or when the plan has no ``"hidden"`` rule.
     """
     if not is_blockwise(analysis.gm) or not any(rule.unit == "hidden" for rule in plan.prune):
@@ -376,7 +376,7 @@ def _apply_sequentially(model, analysis: Analysis, plan: Plan, stats, calibratio
 
     The layers of each tower go in order, and sites outside every layer last. Ranks
     are fixed beforehand from ``stats`` of the original model, so a budget is
-    allocated once; only the factors see the compressed layers' outputs. On failure
+    allocated once. Only the factors see the compressed layers' outputs. On failure
     every swapped module goes back.
     """
     if calibration is None:
@@ -564,7 +564,7 @@ def _attribute_edits(
 
 
 def _hidden_edits(model: nn.Module, selection) -> list[AttributeEdit]:
-    """Return edits of the hidden sizes held by the modules around a pruned stream and by its config.
+    """Return edits of the hidden sizes stored on the modules around a pruned stream and on its config.
 
     A module that owns a changed one (or is one) gets the kept size in each attribute
     equal to ``hidden``, or to ``m * hidden`` where a patch merger folds ``m`` tokens

@@ -32,7 +32,7 @@ from ._fx_utils import node_module_path, op_name
 from .analysis.coupling import CouplingGroup
 from .errors import PlanError
 
-# Integer attributes that hold a hidden size: on the modules that own a changed
+# Integer attributes that contain a hidden size: on the modules that own a changed
 # module (``embed_dim`` of a patch embedding, ``hidden_size`` of a patch merger,
 # which is ``4 * hidden``) and on the tower's config.
 HIDDEN_ATTRS = ("hidden_size", "embed_dim", "dim", "d_model", "n_embd", "context_dim")
@@ -107,8 +107,6 @@ class HiddenChange:
     path: str
     soft_module: nn.Module | None
     row: dict[str, Any]
-    kept: int  # hidden channels kept
-    size: int  # hidden channels before
 
 
 def hidden_changes(model: nn.Module, selection, *, build: bool = True) -> list[HiddenChange]:
@@ -138,7 +136,7 @@ def norm_module_path(node: fx.Node) -> str | None:
 
     Export records the module path of each node. A graph traced on real tensors
     (a block that does not export) has none, so the owner of the norm's weight
-    stands in: the ``weight`` argument of ``layer_norm``, or the parameter that
+    is used instead: the ``weight`` argument of ``layer_norm``, or the parameter that
     scales an RMSNorm's ``mean(x ** 2)`` a few operations further on.
     """
     path = node_module_path(node)
@@ -147,6 +145,8 @@ def norm_module_path(node: fx.Node) -> str | None:
     if op_name(node) in ("layer_norm", "rms_norm"):
         weights = [a for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
         return weights[0].target.rpartition(".")[0] if weights else None
+    # NOTE: an RMSNorm without a weight is matched to the next scaling parameter,
+    # which may belong to another module; only the hard-mode output check catches that.
     frontier, seen = [node], set()
     for _ in range(_NORM_REACH):
         frontier = [user for n in frontier for user in n.users if user not in seen]
@@ -222,7 +222,7 @@ def _norm_change(model, path: str, kept_by_param: dict, kept: list[int], group: 
                 "cannot prune its hidden size. Prune the captured graph with surgeon_fx.compress() instead"
             )
     soft = KeptChannelNorm(shrink(module, kept_by_param), kept, group.size) if build else None
-    return HiddenChange(path, soft, _row(path, "norm", module, len(kept), group.size), len(kept), group.size)
+    return HiddenChange(path, soft, _row(path, "norm", module, len(kept), group.size))
 
 
 def _stream_writer_change(model, path: str, kept_by_param: dict, kept: list[int], group: CouplingGroup, build: bool):
@@ -243,7 +243,7 @@ def _stream_writer_change(model, path: str, kept_by_param: dict, kept: list[int]
         mask = torch.zeros(group.size, dtype=module.weight.dtype, device=module.weight.device)
         mask[kept] = 1
         soft = MaskedChannels(copy.deepcopy(module), mask, dim)
-    return HiddenChange(path, soft, _row(path, role, module, len(kept), group.size), len(kept), group.size)
+    return HiddenChange(path, soft, _row(path, role, module, len(kept), group.size))
 
 
 def _module(model: nn.Module, path: str) -> nn.Module:

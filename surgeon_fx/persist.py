@@ -13,10 +13,10 @@ A checkpoint is a directory with two files:
 The weights file's metadata records the SHA-256 of the manifest, and the manifest
 records the SHA-256 of the weights file, so an edit of either file after saving is
 caught. :func:`load` reads both files, checks them against the model, builds every
-new module, and only then changes the model, so a missing or changed file, a
+new module, and only then changes the model. So a missing or changed file, a
 manifest from another architecture, shapes that do not match or a truncated
-weights file raise :class:`CheckpointError` with the model as it was. Loading reads JSON and
-safetensors only, never pickle.
+weights file raise :class:`CheckpointError` with the model as it was. Loading
+reads JSON and safetensors only, never pickle.
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ def test_sequential_journals_each_layer(llama):
     assert gm.code == code
 
 
-def test_sequential_live_model_matches_graph_module(llama):
+def test_sequential_live_matches_graph(llama):
     """compress_model runs a sequential plan layer by layer too, with hooks on the live modules."""
     model, gm, batch = llama
     plan = {"sequential": True, "lrd": [{"roles": ["mlp_down", "attn_out"], "rank": 8, "method": "svd-llm"}]}
@@ -275,7 +275,7 @@ def test_sequential_live_model_matches_graph_module(llama):
         assert not torch.allclose(one_pass(**batch).last_hidden_state, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_sequential_live_failure_restores_every_layer(llama, monkeypatch):
+def test_sequential_live_failure_restores(llama, monkeypatch):
     model, _, batch = llama
     live = copy.deepcopy(model)
     before = {k: v.clone() for k, v in live.state_dict().items()}

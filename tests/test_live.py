@@ -214,11 +214,12 @@ def test_hidden_pruning_on_live_model(name):
     surgeon_fx.compress_model(model, plan, (ids,), hard=True)
     torch.testing.assert_close(logits(model, ids), soft, atol=1e-5, rtol=1e-5)
     assert model.config.hidden_size == 48
-    assert model.model.embed_tokens.weight.shape[1] == 48 and model.lm_head.in_features == 48
+    assert model.model.embed_tokens.weight.shape[1] == 48
+    assert model.lm_head.in_features == 48
     assert generate(model, ids).shape == (2, ids.shape[1] + 4)
 
 
-def test_hidden_pruning_of_a_class_token_rejected_unchanged():
+def test_class_token_hidden_pruning_rejected():
     model = transformers.ViTModel(transformers.ViTConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8,
     )).eval()
@@ -300,7 +301,7 @@ def test_no_warnings_for_uniform_hard_pruning():
     ({"unit": "mlp_neurons", "ratio": 0.25, "round_to": 256}, "lower round_to"),
     ({"unit": "mlp_neurons", "ratio": 0.001}, "raise the ratio to at least 0.004"),
 ])
-def test_prune_rule_that_removes_nothing_warns_and_changes_nothing(rule, fix):
+def test_idle_prune_rule_warns(rule, fix):
     model, ids = causal_lm("llama"), token_ids()
     before = state_snapshot(model)
     with pytest.warns(SurgeonWarning, match=fix) as caught:
@@ -315,7 +316,7 @@ def test_prune_rule_that_removes_nothing_warns_and_changes_nothing(rule, fix):
     {"unit": "mlp_neurons", "ratio": 0.001},
     {"unit": "mlp_neurons", "ratio": 0.2, "round_to": 32},
 ])
-def test_suggested_ratio_of_an_idle_rule_removes_units(rule):
+def test_suggested_ratio_prunes(rule):
     model, ids = causal_lm("llama"), token_ids()
     with pytest.warns(SurgeonWarning, match="raise the ratio to at least") as caught:
         surgeon_fx.compress_model(model, {"prune": [rule]}, (ids,))

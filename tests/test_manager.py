@@ -234,7 +234,7 @@ def test_key_without_sites_rejected():
         CompressionSchemesManager(model, config, (torch.randn(2, 8, 32),))
 
 
-def test_rank_above_pruned_width_rejected_when_the_manager_is_built():
+def test_pruned_rank_rejected_at_construction():
     model, ids = causal_lm("llama"), token_ids()
     config = CompressionConfig(lrd_rank_lists={"mlp_down": [60, 60]}, pruning_ratio_skip_connections=0.125)
     before = state_snapshot(model)

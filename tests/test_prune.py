@@ -263,10 +263,10 @@ def test_prune_lrd_hard_matches_soft(captured):
                "lrd": [{"roles": ["mlp_down"], "rank": 8}]}),
     ("bert", {"prune": [{"unit": "hidden", "ratio": 0.25}, {"unit": "heads", "ratio": 0.25}]}),
 ])
-def test_soft_prune_then_hard_keeps_the_trained_tensors(captured, name, plan):
+def test_soft_to_hard_keeps_tensors(captured, name, plan):
     gm, args, kwargs = captured(name)
     surgeon_fx.compress(gm, plan)
-    with torch.no_grad():  # stands in for fine-tuning the soft model
+    with torch.no_grad():  # simulates fine-tuning the soft model
         for parameter in gm.parameters():
             parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
         soft = output_tensor(gm(*args, **kwargs))
@@ -284,7 +284,29 @@ def test_soft_prune_then_hard_keeps_the_trained_tensors(captured, name, plan):
         surgeon_fx.restore(gm)
 
 
-def test_soft_prune_then_hard_with_activation_criterion(captured):
+def test_soft_to_hard_failure_keeps_soft(captured, monkeypatch):
+    gm, args, kwargs = captured("llama")
+    plan = {"prune": [{"unit": "mlp_neurons", "ratio": 0.5}]}
+    surgeon_fx.compress(gm, plan)
+    with torch.no_grad():
+        for parameter in gm.parameters():
+            parameter.mul_(1.01)  # simulates fine-tuning the soft model
+    before = _state(gm)
+    real_run = surgeon_fx.api._run_plan
+
+    def fail_when_hard(gm, plan, hard, stats, calibration):
+        real_run(gm, plan, hard, stats, calibration)
+        if hard:
+            raise surgeon_fx.RewriteError("injected failure")
+
+    monkeypatch.setattr(surgeon_fx.api, "_run_plan", fail_when_hard)
+    with pytest.raises(surgeon_fx.RewriteError, match="injected failure"):
+        surgeon_fx.compress(gm, plan, hard=True)
+    _assert_unchanged(gm, before)
+    assert surgeon_fx.passes.journal_of(gm).state == "soft"
+
+
+def test_soft_to_hard_activation_criterion(captured):
     gm, args, kwargs = captured("llama")
     plan = {"prune": [{"unit": "mlp_neurons", "ratio": 0.5, "criterion": "activation"}]}
     surgeon_fx.compress(gm, plan, calibration=[args])

@@ -304,7 +304,7 @@ def test_hard_with_video_matches_soft():
     assert model.model.language_model.layers[0].self_attn.q_proj.out_features == 64
 
 
-def test_strategy_reaches_capture_through_manager_and_compress_model(caplog):
+def test_strategy_reaches_live_capture(caplog):
     model, ids = causal_lm("llama"), token_ids()
     plan = {"lrd": [{"roles": ["mlp_down"], "rank": 4}]}
     with caplog.at_level(logging.INFO, logger="surgeon_fx"):
@@ -351,14 +351,14 @@ def hidden_groups(model: nn.Module, inputs: dict, ratio: float = 0.125) -> dict:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_hidden_groups_join_each_towers_stream(kind):
+def test_hidden_groups_per_tower(kind):
     model = build(kind)
     groups = hidden_groups(model, visual_inputs(model))
     vision, text = groups["vision"], groups["text"]
     assert (vision.unsupported, text.unsupported) == (None, None)
     assert (vision.size, text.size) == (32, 64)
     slots = {str(slot) for slot in vision.slots}
-    # The patch embedding writes the stream; the merger folds 4 patches into one input of 4 * 32.
+    # The patch embedding writes the stream, and the merger folds 4 patches into one input of 4 * 32.
     assert "model.visual.patch_embed.proj.weight[0]" in slots
     merger_in = sorted(s.offset for s in vision.slots if s.target == "model.visual.merger.mlp.0")
     assert merger_in == [0, 32, 64, 96]
@@ -372,14 +372,15 @@ def test_hidden_groups_join_each_towers_stream(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_skip_connection_pruning_soft_restore_hard(kind, tmp_path):
+def test_skip_pruning_soft_restore_hard(kind, tmp_path):
     model = build(kind)
     inputs = visual_inputs(model)
     before, dense = state_snapshot(model), logits(model, inputs)
     manager = CompressionSchemesManager(model, SKIP, (), inputs)
     manager.apply_all(hard=False)
     soft = logits(model, inputs)
-    assert torch.isfinite(soft).all() and not torch.equal(soft, dense)
+    assert torch.isfinite(soft).all()
+    assert not torch.equal(soft, dense)
     roles = {s.path: s.role for s in manager.schemes}
     assert roles["model.language_model.embed_tokens"] == "embedding"
     assert roles["model.visual.merger.ln_q"] == "norm"
@@ -394,7 +395,8 @@ def test_skip_connection_pruning_soft_restore_hard(kind, tmp_path):
     torch.testing.assert_close(logits(model, inputs), soft, atol=1e-5, rtol=1e-5)
     assert model.model.visual.patch_embed.proj.weight.shape[0] == 28  # 32 - 4 channels
     assert model.model.language_model.norm.weight.shape == (56,)  # 64 - 8 channels
-    assert model.lm_head.in_features == 56 and model.model.visual.merger.mlp[0].in_features == 4 * 28
+    assert model.lm_head.in_features == 56
+    assert model.model.visual.merger.mlp[0].in_features == 4 * 28
     vision_width = "hidden_size" if kind == "qwen2_5_vl" else "embed_dim"  # Qwen2-VL's hidden_size is the text's
     assert getattr(model.config.vision_config, vision_width) == 28
     assert model.config.text_config.hidden_size == 56
@@ -414,7 +416,7 @@ def test_skip_connection_pruning_soft_restore_hard(kind, tmp_path):
     ("qwen2_5_vl", "video", (2, 4, 4)),
     ("qwen2_vl", "video", (2, 4, 4)),
 ])
-def test_skip_connection_pruning_on_traced_blocks(kind, media, grid):
+def test_skip_pruning_traced_blocks(kind, media, grid):
     model = build(kind)
     inputs = visual_inputs(model, media, grid)
     surgeon_fx.compress_model(model, {"prune": [{"unit": "hidden", "ratio": 0.25}]}, (), inputs)
@@ -424,7 +426,7 @@ def test_skip_connection_pruning_on_traced_blocks(kind, media, grid):
     assert model.model.visual.blocks[0].norm1.weight.shape == (24,)
 
 
-def test_skip_connection_pruning_of_one_tower():
+def test_skip_pruning_one_tower():
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)
     surgeon_fx.compress_model(model, {"prune": [{"unit": "hidden", "ratio": 0.25, "towers": ["text"]}]}, (), inputs)
@@ -435,10 +437,11 @@ def test_skip_connection_pruning_of_one_tower():
     soft = logits(model, inputs)
     surgeon_fx.compress_model(model, {}, (), inputs, hard=True)
     torch.testing.assert_close(logits(model, inputs), soft, atol=1e-5, rtol=1e-5)
-    assert model.config.vision_config.hidden_size == 32 and model.config.text_config.hidden_size == 48
+    assert model.config.vision_config.hidden_size == 32
+    assert model.config.text_config.hidden_size == 48
 
 
-def test_skip_connection_pruning_rejects_tied_embeddings():
+def test_skip_pruning_tied_embeddings_rejected():
     model = build("qwen2_5_vl")
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
     inputs = visual_inputs(model)
@@ -449,7 +452,7 @@ def test_skip_connection_pruning_rejects_tied_embeddings():
     assert hidden_groups(model, inputs)["vision"].unsupported is None
 
 
-def test_skip_connection_ratio_per_tower_in_config():
+def test_skip_ratio_per_tower_config():
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)
     config = CompressionConfig(pruning_ratio_skip_connections={"vision": 0.25, "text": 0.0})
@@ -461,11 +464,12 @@ def test_skip_connection_ratio_per_tower_in_config():
     manager = CompressionSchemesManager(model, config, (), inputs)
     manager.apply_all(hard=False)
     swapped = {swap.path for swap in journal_of_model(model).swaps}
-    assert "model.visual.patch_embed.proj" in swapped and "model.visual.merger.mlp.0" in swapped
+    assert "model.visual.patch_embed.proj" in swapped
+    assert "model.visual.merger.mlp.0" in swapped
     assert not any(p.startswith("model.language_model") or p == "lm_head" for p in swapped)
 
 
-def test_skip_connection_rule_by_stack_prefix():
+def test_skip_rule_by_stack_prefix():
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)
     config = CompressionConfig(pruning_ratio_skip_connections={"model.language_model.layers": 0.25})
@@ -479,7 +483,7 @@ def test_skip_connection_rule_by_stack_prefix():
     ({"vision": 1.0}, r"pruning_ratio_skip_connections\['vision'\]: invalid pruning ratio 1.0"),
     ({"text": 0.25, "model.language_model.layers": 0.125}, r"names the tower 'text' twice, as 'text' and 'model"),
 ])
-def test_skip_connection_ratio_per_tower_rejected(skip, message):
+def test_skip_ratio_per_tower_rejected(skip, message):
     model = build("qwen2_5_vl")
     before = state_snapshot(model)
     with pytest.raises(PlanError, match=message):
@@ -500,7 +504,7 @@ def test_soft_save_load_then_restore(tmp_path):
     assert torch.equal(logits(reloaded, inputs), dense)
 
 
-def test_missed_stream_writer_is_caught_and_undone():
+def test_missed_stream_writer_rejected():
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)
     before = state_snapshot(model)
@@ -541,7 +545,7 @@ def test_calibrated_lrd_on_blockwise_capture():
     assert errors["svd-llm"] < errors["svd"]
 
 
-def test_calibration_that_misses_a_tower_is_rejected():
+def test_calibration_missing_tower_rejected():
     model = build("qwen2_5_vl")
     inputs = visual_inputs(model)
     text_only = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}

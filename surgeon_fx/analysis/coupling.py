@@ -295,7 +295,7 @@ def _split_sizes(split: fx.Node) -> list[int] | None:
 
 @dataclass
 class HiddenWalk:
-    """What a walk along the hidden dimension found: the slots, sites and norms it couples.
+    """Result of a walk along the hidden dimension: the slots, sites and norms it couples.
 
     With ``boundary`` set (a walk inside one part of a blockwise capture), the walk
     stops at the part's inputs and output and lists them in ``entries`` and

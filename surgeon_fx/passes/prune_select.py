@@ -128,8 +128,8 @@ def _warn_idle_rules(rules: list, chosen: dict, selection: PruneSelection) -> No
         groups = [g for g, (i, _) in chosen.items() if i == index]
         if rule.ratio > 0 and groups and index not in busy:
             smallest = min(g.size for g in groups)
-            # Removing round_to units from the smallest group takes ratio * n + 0.5 >= round_to;
-            # the suggestion is rounded up, so that it acts as written.
+            # Removing round_to units from the smallest group needs ratio * n + 0.5 >= round_to.
+            # The suggestion is rounded up, so that it acts as written.
             needed = math.ceil((rule.round_to - 0.5) / smallest * 10_000) / 10_000
             fix = f"raise the ratio to at least {needed:g}" if needed < 1 else "lower round_to"
             warnings.warn(
